@@ -1,0 +1,6 @@
+"""NExT-Chat (pix2emb) for Hugging Face transformers."""
+
+from .configuration import NextChatConfig
+
+
+__all__ = ["NextChatConfig"]
