@@ -4,6 +4,7 @@ The last-layer hidden state at every trigger token `<at>` is decoded by `loc_dec
 (and, through `seg_prompt_mlp` and SAM, into a mask); the position after it, `<boxes>`, is fed `loc_encoder(box)`.
 """
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,14 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     mask_iou_loss: torch.FloatTensor | None = None
 
 
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_nextchat.NextChatConfig",
+    "AutoModel": "modeling_nextchat.NextChatForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_nextchat.NextChatForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_nextchat.NextChatForConditionalGeneration",
+}
+
+
 class NextChatPreTrainedModel(PreTrainedModel):
     config: NextChatConfig
     config_class = NextChatConfig
@@ -87,6 +96,16 @@ class NextChatPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the flat remote code so that the folder loads with
+        `trust_remote_code=True` where `nextchat` is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if __name__.startswith("nextchat."):
+            # From the installed package: export the code flat. Code loaded from the Hub is already flat, and
+            # transformers copies it itself (`custom_object_save`).
+            importlib.import_module("nextchat.remote_code").write_remote_code(save_directory)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,0 +1,63 @@
+"""Writes the flat Hub code files (`trust_remote_code`) next to a saved model or processor.
+
+transformers copies remote code by file name and only follows `from .sibling import X` imports, while this
+package keeps each part in its own folder. The export copies every shipped module into the save folder flat and
+rewrites its package-relative imports to sibling imports. This module itself is never shipped.
+"""
+
+import ast
+import importlib.util
+import os
+import re
+
+
+# flat file name on the Hub -> module of the installed package that holds its source
+REMOTE_CODE_MODULES = {
+    "configuration_nextchat.py": "nextchat.configuration.configuration_nextchat",
+    "modeling_nextchat.py": "nextchat.modeling_nextchat",
+    "generation_nextchat.py": "nextchat.generation_nextchat",
+    "loss_nextchat.py": "nextchat.loss_nextchat",
+    "sam_nextchat.py": "nextchat.sam_nextchat",
+    "image_processing_nextchat.py": "nextchat.processing.image_processing_nextchat",
+    "processing_nextchat.py": "nextchat.processing.processing_nextchat",
+}
+
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_nextchat.NextChatProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_nextchat.NextChatImageProcessor"}
+
+_RELATIVE_IMPORT = re.compile(r"^(?P<indent>\s*)from\s+\.+(?:\w+\.)*(?P<module>\w+)\s+import\b", re.MULTILINE)
+
+
+def flatten_imports(source: str) -> str:
+    """`from .configuration.configuration_nextchat import X` / `from ..x import X` -> `from .<last name> import X`."""
+    return _RELATIVE_IMPORT.sub(lambda m: f"{m['indent']}from .{m['module']} import", source)
+
+
+def _source_path(module_name: str) -> str | None:
+    spec = importlib.util.find_spec(module_name)
+    return spec.origin if spec is not None else None
+
+
+def write_remote_code(save_directory: str) -> list[str]:
+    """Writes the flat remote-code files into `save_directory`; returns their names.
+
+    Raises:
+        RuntimeError: if a written file imports a sibling that is not shipped (it would fail on the Hub).
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    written = []
+    for file_name, module_name in REMOTE_CODE_MODULES.items():
+        path = _source_path(module_name)
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as handle:
+            source = flatten_imports(handle.read())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = f"{node.module}.py"
+                if node.level != 1 or target not in REMOTE_CODE_MODULES:
+                    raise RuntimeError(f"{file_name} imports `{'.' * node.level}{node.module}`, which is not shipped")
+        with open(os.path.join(save_directory, file_name), "w", encoding="utf-8") as handle:
+            handle.write(source)
+        written.append(file_name)
+    return written
