@@ -48,7 +48,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "nextchat-demo-forward=nextchat.quickstart:main",
+            "nextchat-quickstart=nextchat.quickstart:main",
         ],
     },
 )
