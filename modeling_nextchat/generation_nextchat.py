@@ -63,6 +63,9 @@ class TriggerRecorder:
         if bool(pending.any()):
             self.entries[position] = (pending, boxes.detach(), hidden.detach())
 
+    def has(self, row: int, position: int) -> bool:
+        return position in self.entries and bool(self.entries[position][0][row])
+
     def lookup(self, row: int, position: int):
         pending, boxes, hidden = self.entries[position]
         if not bool(pending[row]):
@@ -222,9 +225,9 @@ class NextChatGenerationMixin:
             columns = torch.nonzero(sequences[row, prompt_length - 1 :] == config.trigger_token_id).flatten()
             trigger_columns.append(columns + prompt_length - 1)
 
-        if recorder is not None:
+        if recorder is not None and all(recorder.has(r, int(c)) for r, cs in enumerate(trigger_columns) for c in cs):
             boxes, hidden = _gather_recorded(recorder, trigger_columns, sequences, self.config.text_config.hidden_size)
-        else:
+        else:  # beam search, or a trigger as the very last token (never fed back): replay the sequences
             rows = torch.arange(sequences.shape[0], device=sequences.device) // expand
             boxes, hidden = self.locate(
                 sequences,
