@@ -20,12 +20,18 @@ setup(
         "nextchat.configuration",
         "nextchat.processing",
         "nextchat.convert_scripts",
+        "nextchat.training",
+        "nextchat.evaluation",
+        "nextchat.demo",
     ],
     package_dir={
         "nextchat": "modeling_nextchat",
         "nextchat.configuration": "configuration",
         "nextchat.processing": "processing",
         "nextchat.convert_scripts": "convert_scripts",
+        "nextchat.training": "training",
+        "nextchat.evaluation": "evaluation",
+        "nextchat.demo": "demo",
     },
     include_package_data=True,
     install_requires=[
@@ -49,6 +55,11 @@ setup(
     entry_points={
         "console_scripts": [
             "nextchat-quickstart=nextchat.quickstart:main",
+            "nextchat-convert=nextchat.convert_scripts.convert_original_nextchat:main",
+            "nextchat-train=nextchat.training.train:main",
+            "nextchat-eval=nextchat.evaluation.cli:main",
+            "nextchat-chat=nextchat.demo.chat_cli:main",
+            "nextchat-demo=nextchat.demo.web:main",
         ],
     },
 )
