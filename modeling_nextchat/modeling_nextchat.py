@@ -347,16 +347,15 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         prompts = prompts.view(prompts.shape[0], self.config.num_seg_prompt_tokens, -1)
         images, inverse = torch.unique(image_index, return_inverse=True)
         embeddings = self.sam.get_image_embeddings(sam_pixel_values[images.to(sam_pixel_values.device)].to(sam_dtype))
-        masks = [None] * len(images)
-        scores = [None] * len(images)
+        pred_masks = iou_scores = None
         for i in range(len(images)):
-            selected = inverse == i
-            masks[i], scores[i] = self.sam.decode_masks(embeddings[i : i + 1], prompts[selected], boxes[selected] * size)
-        order = torch.cat([torch.nonzero(inverse == i).flatten() for i in range(len(images))])
-        pred_masks = torch.empty((len(order),) + masks[0].shape[1:], dtype=masks[0].dtype, device=masks[0].device)
-        iou_scores = torch.empty(len(order), dtype=scores[0].dtype, device=scores[0].device)
-        pred_masks[order] = torch.cat(masks)
-        iou_scores[order] = torch.cat(scores)
+            selected = torch.nonzero(inverse == i).flatten()
+            masks, scores = self.sam.decode_masks(embeddings[i : i + 1], prompts[selected], boxes[selected] * size)
+            if pred_masks is None:
+                pred_masks = masks.new_empty((len(image_index),) + masks.shape[1:])
+                iou_scores = scores.new_empty(len(image_index))
+            pred_masks[selected] = masks
+            iou_scores[selected] = scores
         return pred_masks, iou_scores
 
     def forward(

@@ -155,3 +155,15 @@ def test_remote_code_from_an_offline_hub_cache_snapshot(saved, tmp_path):
     result = run_without_nextchat(tmp_path, "nextchat-tests/tiny-nextchat", {"HF_HUB_CACHE": str(cache)})
     torch.testing.assert_close(result["logits"], reference.logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(result["logits_again"], reference.logits, atol=1e-6, rtol=1e-6)
+
+
+def test_no_split_modules_name_real_blocks_and_device_map_loading_works(saved):
+    model, folder, reference = saved
+    from nextchat import NextChatPreTrainedModel
+
+    class_names = {type(module).__name__ for module in model.modules()}
+    declared = set(NextChatPreTrainedModel.__dict__["_no_split_modules"])
+    assert declared <= class_names, declared - class_names
+    loaded = NextChatForConditionalGeneration.from_pretrained(folder, device_map="auto").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**model_inputs()).logits, reference.logits)
