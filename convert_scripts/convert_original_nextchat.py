@@ -19,17 +19,20 @@ What it does, in order (nothing is written before every check has passed):
    `--sam-checkpoint`), and the five token ids from the checkpoint's tokenizer, never assumed.
 3. *Map keys* (see `map_original_key`): every original tensor is used exactly once and every tensor of
    `NextChatForConditionalGeneration` is filled, with identical shapes; otherwise `ConversionError` lists
-   the offending keys. The only tensors dropped on purpose are the rotary `inv_freq` buffers of
-   transformers 4.31 (recomputed by the model; the converter checks that they agree with the config).
+   the offending keys. The only tensors dropped on purpose are buffers the model recomputes: the rotary
+   `inv_freq` of transformers 4.31 (checked against the rope settings of the config) and, in checkpoints
+   written by older transformers, CLIP's `embeddings.position_ids` (checked to be 0..n-1).
 4. *Write* the folder with `save_pretrained`: sharded safetensors in the chosen dtype, `config.json` with
    the token ids, `generation_config.json`, the tokenizer (same ids as the original, including the 4.31
-   whitespace handling around added tokens), the processor when `nextchat.processing` provides one, and a
-   model card.
+   whitespace handling around added tokens), the processor (tokenizer + image processor + chat template),
+   the flat remote code (written by the model's `save_pretrained`), and a model card.
 
 Memory: tensors stay memory-mapped from the original files (file-backed pages the kernel can drop) and
 are converted one by one; the model skeleton lives on the `meta` device. The resident copy is therefore
-the converted weights in the output dtype when the dtype changes (none when it does not), plus one output
-shard while `safetensors` serialises it.
+the converted weights in the output dtype when the dtype changes, and nothing when it does not (the default:
+the dtype the checkpoint stores); `safetensors` writes each shard straight from the tensors' memory. For the
+published 7B-336 (15.5 GB of 16-bit shards) that is about 1 GB of process memory as stored, about 16.5 GB with
+`--dtype bf16`/`fp16` from the other 16-bit type, and about 32 GB with `--dtype fp32` (too much for a 32 GB machine).
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 _ROTARY_INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+# Buffer that CLIP checkpoints written by transformers < 4.31 store; recomputed by the model (checked, then dropped).
+_CLIP_POSITION_IDS = "model.vision_tower.vision_model.embeddings.position_ids"
 
 
 class ConversionError(ValueError):
@@ -292,7 +297,8 @@ class CheckpointReader:
 def map_original_key(key: str) -> str | None:
     """Name in `NextChatForConditionalGeneration` of an original NExT-Chat state-dict key.
 
-    Returns `None` for the rotary `inv_freq` buffers (dropped on purpose) and raises `KeyError` for keys
+    Returns `None` for the rotary `inv_freq` buffers and CLIP's `position_ids` buffer (recomputed by the model,
+    checked against the config, then dropped) and raises `KeyError` for keys
     the original model does not have.
 
     | original                                    | converted                                       |
@@ -304,7 +310,7 @@ def map_original_key(key: str) -> str | None:
     | `lm_head.*`, `loc_decoder.*`, `seg_prompt_mlp.*` | unchanged                                  |
     | `sam.model.*`                               | `sam.*`                                         |
     """
-    if _ROTARY_INV_FREQ.match(key):
+    if _ROTARY_INV_FREQ.match(key) or key == _CLIP_POSITION_IDS:
         return None
     for prefix in ("model.embed_tokens.", "model.layers.", "model.norm."):
         if key.startswith(prefix):
@@ -329,14 +335,23 @@ def map_sam_checkpoint_key(key: str) -> str:
     raise KeyError(key)
 
 
-def map_clip_key(key: str) -> str | None:
-    """Key of a CLIP checkpoint (`CLIPVisionModel` or `CLIPModel`) -> converted name; `None` = not vision."""
-    if key.startswith("vision_model."):
-        rest = key[len("vision_model.") :]
-        if rest == "embeddings.position_ids":
-            return None
-        return "model.vision_tower." + rest
-    return None
+_CLIP_VISION_TOP_LEVEL = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def map_clip_key(key: str, flat: bool = False) -> str | None:
+    """Key of a CLIP checkpoint -> converted name, `None` for tensors that are not part of the vision tower.
+
+    transformers 4.x `CLIPVisionModel` / `CLIPModel` files name the vision weights `vision_model.*` (the text tower,
+    projections and `logit_scale` of a `CLIPModel` are skipped); a `CLIPVisionModel` saved by transformers 5 has no
+    `vision_model.` level (`flat=True`). The `embeddings.position_ids` buffer of old files is recomputed.
+    """
+    if flat:
+        rest = key if key.startswith(_CLIP_VISION_TOP_LEVEL) else None
+    else:
+        rest = key[len("vision_model.") :] if key.startswith("vision_model.") else None
+    if rest is None or rest == "embeddings.position_ids":
+        return None
+    return "model.vision_tower." + rest
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -419,59 +434,79 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path} not found") from None
 
 
-def resolve_vision_tower(vision_tower: str | None, original_dir: Path, original_config: dict) -> Path:
-    """Local folder holding the CLIP config (and possibly weights).
+def _hub_download(repo_id: str, argument: str, allow_patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
 
-    `vision_tower` may be a folder, or a Hub id (downloaded with `huggingface_hub.snapshot_download`). When it
-    is `None`, the checkpoint's `mm_vision_tower` is used, relative to the checkpoint folder when relative.
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except Exception as error:
+        raise ConversionError(
+            f"`{argument}`: {repo_id!r} is not a local folder and could not be fetched from the Hub "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def _is_hub_id(name: str) -> bool:
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def resolve_vision_tower(vision_tower: str | None, original_dir: Path, original_config: dict) -> Path:
+    """Local folder holding the CLIP config (weights are fetched later, only when the checkpoint lacks them).
+
+    `vision_tower` may be a folder, or a Hub id (its config fetched with `huggingface_hub.snapshot_download`). When
+    it is `None`, the checkpoint's `mm_vision_tower` is used, relative to the checkpoint folder when relative.
     """
     if vision_tower is None:
         name = original_config.get("mm_vision_tower")
         if not name:
             raise ConversionError("`vision_tower`: the original config has no `mm_vision_tower`; pass --vision-tower")
         candidate = Path(name) if os.path.isabs(name) else original_dir / name
-        if candidate.is_dir():
+        if (candidate / "config.json").is_file():
             return candidate
         hint = Path(name).name
         raise ConversionError(
-            f"`vision_tower`: the checkpoint's mm_vision_tower {name!r} is not a folder here ({candidate}); "
-            f"pass --vision-tower with a local folder or a Hub id (for the published model: "
+            f"`vision_tower`: the checkpoint's mm_vision_tower {name!r} is not a folder with a config.json here "
+            f"({candidate}); pass --vision-tower with a local CLIP folder or a Hub id (for the published model: "
             f"--vision-tower openai/{hint if hint.startswith('clip-') else 'clip-vit-large-patch14-336'})"
         )
     if os.path.isdir(vision_tower):
+        if not (Path(vision_tower) / "config.json").is_file():
+            raise ConversionError(f"`vision_tower`: {vision_tower} has no config.json")
         return Path(vision_tower)
-    if os.path.exists(vision_tower) or vision_tower.count("/") > 1:
+    if not _is_hub_id(vision_tower):
         raise ConversionError(f"`vision_tower`: {vision_tower!r} is neither a folder nor a Hub repository id")
-    from huggingface_hub import snapshot_download
+    return _hub_download(vision_tower, "vision_tower", ["config.json", "preprocessor_config.json"])
 
-    return Path(
-        snapshot_download(
-            vision_tower,
-            allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors", "*.json", "*.bin"],
-            ignore_patterns=["*.msgpack", "*.h5", "tf_model*", "flax_model*"],
-        )
-    )
+
+def _clip_weights_reader(vision_tower: str | None, tower_dir: Path, progress: bool) -> CheckpointReader:
+    """Reader over the CLIP weights of the vision tower (for checkpoints saved without `model.vision_tower.*`)."""
+    if vision_tower is not None and not os.path.isdir(vision_tower):
+        tower_dir = _hub_download(vision_tower, "vision_tower", ["*.json", "*.safetensors"])
+        if not list(tower_dir.glob("*.safetensors")):
+            tower_dir = _hub_download(vision_tower, "vision_tower", ["*.json", "pytorch_model*.bin"])
+    return CheckpointReader(tower_dir, progress=progress, description="Reading CLIP weights")
 
 
 def build_vision_config(tower_dir: Path):
-    """`CLIPVisionConfig` of a CLIP folder (a `CLIPVisionModel` or a full `CLIPModel` config)."""
+    """`CLIPVisionConfig` of a CLIP folder (a `CLIPVisionModel` config, or a full `CLIPModel` config whose
+    `vision_config` is used, with the legacy `vision_config_dict` overrides of transformers 4 configs applied).
+
+    Only `CLIPVisionConfig` fields are kept: the token ids the original code wrote onto the tower config at run time
+    (`at_token`, `box_token`, ...) and generic legacy keys are dropped."""
     from transformers import CLIPVisionConfig
 
     raw = _read_json(tower_dir / "config.json")
     if raw.get("model_type") == "clip":
-        raw = raw.get("vision_config", {})
+        raw = {**(raw.get("vision_config") or {}), **(raw.get("vision_config_dict") or {})}
     elif raw.get("model_type") not in (None, "clip_vision_model"):
         raise ConversionError(
             f"`vision_tower`: {tower_dir / 'config.json'} has model_type {raw.get('model_type')!r}, "
             "expected 'clip' or 'clip_vision_model'"
         )
-    raw = {
-        k: v
-        for k, v in raw.items()
-        if k not in _CLIP_RUNTIME_ATTRIBUTES
-        and k not in ("_name_or_path", "architectures", "transformers_version", "model_type", "torch_dtype", "dtype")
+    known = set(CLIPVisionConfig().to_dict()) - {
+        "_name_or_path", "architectures", "transformers_version", "model_type", "torch_dtype", "dtype",
     }
-    return CLIPVisionConfig(**raw)
+    return CLIPVisionConfig(**{k: v for k, v in raw.items() if k in known})
 
 
 def build_text_config(original_config: dict):
@@ -634,11 +669,16 @@ def plan_conversion(
             raise ConversionError(
                 f"the vision tower config says {field_name}={tower_raw[field_name]} but the tokenizer gives {token}={token_ids[token]}"
             )
+    if _CLIP_POSITION_IDS in reader:
+        num_positions = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+        if not torch.equal(reader.get(_CLIP_POSITION_IDS).flatten().long(), torch.arange(num_positions)):
+            raise ConversionError(f"{_CLIP_POSITION_IDS} is not 0..{num_positions - 1}; it cannot be dropped safely")
+        dropped.append(_CLIP_POSITION_IDS)
     clip_in_checkpoint = any(k.startswith("model.vision_tower.") for k in reader.keys())
     clip_reader = None
     if not clip_in_checkpoint:
         try:
-            clip_reader = CheckpointReader(tower_dir, progress=progress, description="Reading CLIP weights")
+            clip_reader = _clip_weights_reader(vision_tower, tower_dir, progress)
         except ConversionError as error:
             raise ConversionError(
                 f"the checkpoint has no model.vision_tower.* weights and none could be read from the vision tower "
@@ -725,8 +765,9 @@ def plan_conversion(
         if target is not None:
             plan.sources[target] = (reader, key)
     if clip_reader is not None:
+        flat = not any(k.startswith("vision_model.") for k in clip_reader.keys())
         for key in clip_reader.keys():
-            target = map_clip_key(key)
+            target = map_clip_key(key, flat=flat)
             if target is not None:
                 plan.sources[target] = (clip_reader, key)
         notes.append(f"CLIP weights taken from {tower_dir}")
@@ -764,26 +805,24 @@ def check_plan_against_model(plan: ConversionPlan, expected: dict[str, tuple[tup
 # ------------------------------------------------------------------------------------------------------
 
 
-def default_generation_config(config):
+def default_generation_settings(config) -> dict:
     """Greedy decoding, the setting of the original evaluation (RES, region captions, POPE: `num_beams=1`).
 
-    The original demo decoded with 5 beams (`generate`'s own default, `do_sample` unset), which is slower and
-    is not what the published numbers used; pass `num_beams=5` to `generate` to get it. `max_new_tokens=1024`
-    is the demo's cap. The pad token is `<unk>` (id 0), as in the original builder; `use_cache=True` because
-    box feedback during generation relies on the cache.
+    The original demo decoded with 5 beams (`generate`'s own default there, `do_sample` unset), which is slower and
+    is not what the published numbers used; pass `num_beams=5` to `generate` to get it. `max_new_tokens=1024` is the
+    demo's cap. The pad token is `<unk>` (id 0), as in the original builder; `use_cache=True` because box feedback
+    during generation relies on the cache.
     """
-    from transformers import GenerationConfig
-
     text = config.text_config
-    return GenerationConfig(
-        bos_token_id=text.bos_token_id,
-        eos_token_id=text.eos_token_id,
-        pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=1024,
-        use_cache=True,
-    )
+    return {
+        "bos_token_id": text.bos_token_id,
+        "eos_token_id": text.eos_token_id,
+        "pad_token_id": text.pad_token_id if text.pad_token_id is not None else 0,
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": 1024,
+        "use_cache": True,
+    }
 
 
 def _original_license(original_dir: Path) -> str | None:
@@ -872,52 +911,50 @@ Detection and Segmentation* (Zhang et al., 2023).
     (output_dir / "README.md").write_text("\n".join(front) + body)
 
 
+def build_processor(tokenizer, tower_dir: Path, config):
+    """`NextChatProcessor` of the converted model: the converted tokenizer and a `NextChatImageProcessor` whose CLIP
+    settings come from the vision tower's `preprocessor_config.json` (the image processor the original loaded) and
+    whose SAM size comes from `config.sam_config` (`None`: box-only)."""
+    from nextchat.processing import NextChatImageProcessor, NextChatProcessor
+
+    raw = {}
+    if (tower_dir / "preprocessor_config.json").is_file():
+        raw = _read_json(tower_dir / "preprocessor_config.json")
+    size = config.vision_config.image_size
+    kwargs = {
+        k: raw[k]
+        for k in ("do_resize", "resample", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+        if k in raw
+    }
+    shortest = raw.get("size", {}).get("shortest_edge", size) if isinstance(raw.get("size"), dict) else size
+    if shortest != size:
+        raise ConversionError(
+            f"the vision tower's preprocessor_config.json resizes to {shortest} px but the CLIP config says {size} px"
+        )
+    image_processor = NextChatImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        sam_image_size=config.sam_config["image_size"] if config.sam_config is not None else None,
+        **kwargs,
+    )
+    return NextChatProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
+
+
 def _save_processor_or_tokenizer(output_dir: Path, tokenizer, tower_dir: Path, config) -> str:
-    """Save the processor when `nextchat.processing` provides one, else the tokenizer and image processor."""
+    """Save the processor (tokenizer + image processor + chat template); without `nextchat.processing`, the
+    tokenizer and the tower's CLIP image-processor config only (with a warning)."""
     try:
-        from nextchat.processing import NextChatProcessor  # noqa: F401
-    except ImportError:
-        NextChatProcessor = None
-    if NextChatProcessor is not None and hasattr(NextChatProcessor, "from_converted"):
-        processor = NextChatProcessor.from_converted(tokenizer=tokenizer, vision_tower_dir=tower_dir, config=config)
+        processor = build_processor(tokenizer, tower_dir, config)
+    except ImportError as error:
+        warnings.warn(f"nextchat.processing is not available ({error}); writing the tokenizer and CLIP preprocessor only")
+    else:
         processor.save_pretrained(str(output_dir))
         return "processor"
-    if NextChatProcessor is not None:
-        try:
-            processor = _build_processor(NextChatProcessor, tokenizer, tower_dir, config)
-        except Exception as error:  # pragma: no cover - depends on the processor's state of completion
-            warnings.warn(f"could not build NextChatProcessor ({error}); writing the tokenizer and image processor only")
-        else:
-            processor.save_pretrained(str(output_dir))
-            return "processor"
     tokenizer.save_pretrained(str(output_dir))
     preprocessor = tower_dir / "preprocessor_config.json"
     if preprocessor.is_file():
         (output_dir / "preprocessor_config.json").write_text(preprocessor.read_text())
     return "tokenizer"
-
-
-def _build_processor(processor_class, tokenizer, tower_dir: Path, config):
-    import inspect
-
-    from nextchat import processing
-
-    image_processor_class = getattr(processing, "NextChatImageProcessor", None)
-    kwargs = {}
-    if image_processor_class is not None:
-        raw = {}
-        if (tower_dir / "preprocessor_config.json").is_file():
-            raw = _read_json(tower_dir / "preprocessor_config.json")
-        params = inspect.signature(image_processor_class.__init__).parameters
-        init = {k: v for k, v in raw.items() if k in params and k in ("image_mean", "image_std", "resample")}
-        size = config.vision_config.image_size
-        for name in ("size", "crop_size"):
-            if name in params:
-                init[name] = {"height": size, "width": size}
-        if config.sam_config is not None and "sam_image_size" in params:
-            init["sam_image_size"] = config.sam_config["image_size"]
-        kwargs["image_processor"] = image_processor_class(**init)
-    return processor_class(tokenizer=tokenizer, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -928,16 +965,13 @@ def _build_processor(processor_class, tokenizer, tower_dir: Path, config):
 def _resolve_original(original_dir: str) -> tuple[Path, str | None]:
     if os.path.isdir(original_dir):
         return Path(original_dir), None
-    if os.path.exists(original_dir) or original_dir.count("/") != 1:
+    if not _is_hub_id(original_dir) or "/" not in original_dir:
         raise ConversionError(f"`original_dir`: {original_dir!r} is neither a folder nor a Hub repository id")
-    from huggingface_hub import snapshot_download
-
-    path = snapshot_download(
-        original_dir,
-        allow_patterns=["*.json", "*.model", "*.bin", "*.safetensors", "README.md"],
-        ignore_patterns=["training_args.bin", "optimizer*", "*.pt"],
-    )
-    return Path(path), original_dir
+    # weights in one format only: safetensors when the repository has them, else the pickles
+    path = _hub_download(original_dir, "original_dir", ["*.json", "*.model", "*.safetensors", "README.md"])
+    if not list(path.glob("*.safetensors")):
+        path = _hub_download(original_dir, "original_dir", ["*.json", "*.model", "pytorch_model*.bin", "README.md"])
+    return path, original_dir
 
 
 def convert_original_checkpoint(
@@ -1011,7 +1045,7 @@ def convert_original_checkpoint(
         state_dict[target] = tensor
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.generation_config = default_generation_config(config)
+    model.generation_config.update(**default_generation_settings(config))
     model.save_pretrained(str(output_dir), state_dict=state_dict, max_shard_size=max_shard_size)
     del state_dict
 
