@@ -1,6 +1,13 @@
 """NExT-Chat (pix2emb) for Hugging Face transformers."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration import NextChatConfig
 from .modeling_nextchat import (
@@ -10,11 +17,14 @@ from .modeling_nextchat import (
     NextChatPreTrainedModel,
 )
 from .generation_nextchat import NextChatGenerateOutput
+from .processing import NextChatImageProcessor, NextChatProcessor, build_tiny_processor
 
 
 AutoConfig.register("nextchat", NextChatConfig, exist_ok=True)
 for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(NextChatConfig, NextChatForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(NextChatConfig, image_processor_classes={"pil": NextChatImageProcessor}, exist_ok=True)
+AutoProcessor.register(NextChatConfig, NextChatProcessor, exist_ok=True)
 
 
 __all__ = [
@@ -24,4 +34,7 @@ __all__ = [
     "NextChatForConditionalGeneration",
     "NextChatCausalLMOutputWithPast",
     "NextChatGenerateOutput",
+    "NextChatImageProcessor",
+    "NextChatProcessor",
+    "build_tiny_processor",
 ]

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 
 _STATE_ATTRIBUTE = "nextchat_trigger_state"
-_PROMPT_ONLY_INPUTS = ("box_inputs", "box_inputs_mask", "pixel_values")
+_PROMPT_ONLY_INPUTS = ("box_inputs", "box_inputs_mask", "pixel_values", "image_sizes")
 
 
 class TriggerState:

@@ -370,6 +370,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         sam_pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         mask_targets: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | dict | None = None,
@@ -391,6 +392,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 the `<boxes>` that follows it.
             mask_targets (`torch.FloatTensor` of shape `(batch_size, num_boxes, h, w)`): binary masks in the SAM
                 input frame aligned with `box_inputs`; a slot filled with negative values has no mask.
+            image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): original `(height, width)` from the
+                processor; not needed by the model (accepted so that `model(**processor(...))` works).
             num_items_in_batch (`int`, `torch.Tensor` or `dict`): normaliser(s) over a gradient-accumulated batch.
                 An int is the number of LM target tokens (what `Trainer` passes); a dict from
                 `count_loss_items` summed over the micro-batches makes every term exact.

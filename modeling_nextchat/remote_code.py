@@ -7,6 +7,7 @@ rewrites its package-relative imports to sibling imports. This module itself is 
 
 import ast
 import importlib.util
+import json
 import os
 import re
 
@@ -23,7 +24,6 @@ REMOTE_CODE_MODULES = {
 }
 
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_nextchat.NextChatProcessor"}
-IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_nextchat.NextChatImageProcessor"}
 
 _RELATIVE_IMPORT = re.compile(r"^(?P<indent>\s*)from\s+\.+(?:\w+\.)*(?P<module>\w+)\s+import\b", re.MULTILINE)
 
@@ -31,6 +31,16 @@ _RELATIVE_IMPORT = re.compile(r"^(?P<indent>\s*)from\s+\.+(?:\w+\.)*(?P<module>\
 def flatten_imports(source: str) -> str:
     """`from .configuration.configuration_nextchat import X` / `from ..x import X` -> `from .<last name> import X`."""
     return _RELATIVE_IMPORT.sub(lambda m: f"{m['indent']}from .{m['module']} import", source)
+
+
+def add_auto_map(json_path: str, entries: dict):
+    """Adds `auto_map` entries to a saved JSON file (keeping the entries it has)."""
+    with open(json_path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    content["auto_map"] = {**content.get("auto_map", {}), **entries}
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 def _source_path(module_name: str) -> str | None:
