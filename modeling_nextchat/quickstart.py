@@ -1,14 +1,14 @@
-"""`nextchat-quickstart`: one grounded forward pass of a tiny NExT-Chat on a generated image, offline.
+"""`nextchat-quickstart`: a grounded answer about an image, offline, drawn to a PNG.
 
-The model has RANDOM weights (no weights can be downloaded here): the printed boxes show the whole path —
-image preprocessing, the `<at> <boxes>` trigger pair, box decoding, SAM masks, mapping back to pixels — not a
-trained answer.
+With `--model DIR` (a converted or trained checkpoint with its processor) the model answers for real. Without
+it, the tiny model shipped in this repository (`examples/tiny-nextchat-shapes`, trained here on synthetic shapes)
+is used when present; otherwise a tiny model with RANDOM weights shows the pipeline end to end — its boxes are
+not a trained answer.
 """
 
 import argparse
 import os
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -16,25 +16,27 @@ from .configuration import NextChatConfig
 from .modeling_nextchat import NextChatForConditionalGeneration
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
-SAM_MEAN = np.array([123.675, 116.28, 103.53])
-SAM_STD = np.array([58.395, 57.12, 57.375])
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                             "tiny-nextchat-shapes")
 
 
-def tiny_random_model(seed: int = 0) -> NextChatForConditionalGeneration:
-    """A NExT-Chat of about half a million parameters: LLaMA 2×32, CLIP 2×24 at 28 px, SAM at 64 px."""
+def tiny_random_model_and_processor(seed: int = 0):
+    """A NExT-Chat of about half a million parameters with random weights, and a tiny offline processor."""
+    from .processing import build_tiny_processor
+
+    processor = build_tiny_processor(image_size=28, sam_image_size=64)
     config = NextChatConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                            image_size=28, patch_size=14),
         sam_config=dict(image_size=64, patch_size=16, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2,
                         encoder_global_attn_indexes=[1], window_size=2, prompt_embed_dim=32),
-        image_token_id=59, image_start_token_id=60, image_end_token_id=61, trigger_token_id=62, box_token_id=63,
+        **processor.special_token_ids,
     )
     torch.manual_seed(seed)
-    return NextChatForConditionalGeneration(config).eval()
+    return NextChatForConditionalGeneration(config).eval(), processor
 
 
 def generated_image(width: int = 96, height: int = 64) -> Image.Image:
@@ -46,71 +48,49 @@ def generated_image(width: int = 96, height: int = 64) -> Image.Image:
     return image
 
 
-def _clip_input(image: Image.Image, size: int) -> torch.Tensor:
-    side = max(image.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    array = np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.float64) / 255.0
-    return torch.tensor(((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1), dtype=torch.float32)[None]
-
-
-def _sam_input(image: Image.Image, size: int) -> torch.Tensor:
-    scale = size / max(image.size)
-    width, height = int(image.width * scale + 0.5), int(image.height * scale + 0.5)
-    array = (np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float64) - SAM_MEAN) / SAM_STD
-    padded = np.zeros((size, size, 3))
-    top, left = (size - height) // 2, (size - width) // 2
-    padded[top : top + height, left : left + width] = array
-    return torch.tensor(padded.transpose(2, 0, 1), dtype=torch.float32)[None]
-
-
-def square_box_to_pixels(box, width: int, height: int):
-    """Normalised xyxy in the padded square -> pixel xyxy on the original image, clipped."""
-    side = max(width, height)
-    dx, dy = (side - width) // 2, (side - height) // 2
-    x1, y1, x2, y2 = (float(v) * side for v in box)
-    x1, x2 = sorted((x1 - dx, x2 - dx))
-    y1, y2 = sorted((y1 - dy, y2 - dy))
-    return [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a NExT-Chat folder (model + processor); default: the shipped tiny model")
+    parser.add_argument("--image", help="an image file; default: a generated picture of a red square and a blue circle")
+    parser.add_argument("--question", default="Where is the red square?")
     parser.add_argument("--output", default="nextchat_quickstart.png", help="where to write the annotated image")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
-    model = tiny_random_model()
-    image = generated_image()
-    config = model.config
-    user_box = [10, 14, 38, 42]  # the red square, pixel xyxy
-    side = max(image.size)
-    dy = (side - image.height) // 2
-    box_inputs = torch.tensor([[[user_box[0] / side, (user_box[1] + dy) / side,
-                                 user_box[2] / side, (user_box[3] + dy) / side]]])
-    # "<s> USER: <image> what is [0] <at> <boxes> ? ASSISTANT: it is here <at>" with a toy vocabulary
-    image_block = [config.image_start_token_id] + [config.image_token_id] * config.image_seq_length
-    image_block += [config.image_end_token_id]
-    input_ids = torch.tensor([[1, 10, 11] + image_block + [12, 13, config.trigger_token_id, config.box_token_id,
-                                                            14, 15, 16, 17, config.trigger_token_id]])
+    from .processing import NextChatProcessor
+
+    folder = args.model or (SHIPPED_MODEL if os.path.isdir(SHIPPED_MODEL) else None)
+    if folder:
+        print(f"loading {folder}")
+        model = NextChatForConditionalGeneration.from_pretrained(folder).eval()
+        processor = NextChatProcessor.from_pretrained(folder)
+        random_weights = False
+    else:
+        model, processor = tiny_random_model_and_processor()
+        random_weights = True
+    image = Image.open(args.image).convert("RGB") if args.image else generated_image()
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image> {processor.escape_text(args.question)}"}], add_generation_prompt=True
+    )
+    # A random model rarely emits the trigger by itself: end its prompt with `<at>` so that it must give a box.
+    inputs = processor(images=[image], text=[prompt], append_trigger=random_weights)
     with torch.no_grad():
-        out = model(
-            input_ids=input_ids,
-            pixel_values=_clip_input(image, config.vision_config.image_size),
-            box_inputs=box_inputs,
-            sam_pixel_values=_sam_input(image, config.sam_config["image_size"]),
-        )
-    print("NExT-Chat quickstart — tiny model with RANDOM weights: the boxes below exercise the pipeline, "
-          "they are not a trained answer.")
-    print(f"image {image.width}x{image.height}, {len(out.trigger_positions)} triggers at columns "
-          f"{out.trigger_positions[:, 1].tolist()}")
-    annotated = image.copy()
-    draw = ImageDraw.Draw(annotated)
-    for k, box in enumerate(out.pred_boxes):
-        pixels = square_box_to_pixels(box, image.width, image.height)
-        print(f"trigger {k}: normalised box {[round(float(v), 4) for v in box]} -> pixels "
-              f"{[round(v, 1) for v in pixels]}, SAM IoU score {float(out.iou_scores[k]):.3f}")
-        draw.rectangle(pixels, outline=(255, 200, 0), width=2)
-    annotated.save(args.output)
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                return_dict_in_generate=True)
+    result = processor.post_process_generation(output, image_sizes=inputs["image_sizes"])[0]
+
+    if random_weights:
+        print("NOTE: tiny model with RANDOM weights — the boxes below exercise the pipeline, they are not a trained "
+              "answer.")
+    print(f"question: {args.question}")
+    print(f"answer:   {result['text']}")
+    for k, entity in enumerate(result["entities"]):
+        box = [round(float(v), 1) for v in entity["box"]]
+        score = "" if entity["score"] is None else f", score {float(entity['score']):.3f}"
+        mask = "" if entity["mask"] is None else f", mask of {int(entity['mask'].sum())} pixels"
+        print(f"  [{k}] {entity['text']!r}: box {box} (pixels x1, y1, x2, y2){mask}{score}")
+    processor.draw(image, result["entities"]).save(args.output)
     print(f"annotated image written to {os.path.abspath(args.output)}")
 
 

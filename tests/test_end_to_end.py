@@ -120,3 +120,12 @@ def test_auto_processor_locally_and_through_remote_code(tmp_path):
         assert torch.equal(remote["inputs"][key], value), key
         assert torch.equal(remote["again"][key], value), key
     torch.testing.assert_close(remote["logits"], expected_logits, atol=1e-6, rtol=1e-6)
+
+
+def test_quickstart_writes_an_annotated_picture(tmp_path, capsys):
+    from nextchat.quickstart import main
+
+    main(["--output", str(tmp_path / "answer.png"), "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert "answer:" in printed and "box [" in printed
+    assert Image.open(tmp_path / "answer.png").size == (96, 64)
