@@ -9,27 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoProcessor
 
-from nextchat import NextChatConfig, NextChatForConditionalGeneration, NextChatProcessor, build_tiny_processor
+from nextchat import NextChatProcessor
+from nextchat.quickstart import tiny_random_model_and_processor
 from test_save_load import BLOCKER
 
 
 def tiny_pair(seed=0):
-    processor = build_tiny_processor(image_size=28, sam_image_size=64)
-    ids = processor.special_token_ids
-    config = NextChatConfig(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        sam_config=dict(image_size=64, patch_size=16, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2,
-                        encoder_global_attn_indexes=[1], window_size=2, prompt_embed_dim=32),
-        **ids,
-    )
-    torch.manual_seed(seed)
-    return processor, NextChatForConditionalGeneration(config).eval()
+    model, processor = tiny_random_model_and_processor(seed)
+    return processor, model
 
 
 def picture():
