@@ -50,7 +50,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0.6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pycocoevalcap>=1.2", "pycocotools>=2.0.6"],
     },
     entry_points={
         "console_scripts": [

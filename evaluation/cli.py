@@ -1,0 +1,132 @@
+"""``nextchat-eval``: evaluate a NExT-Chat checkpoint on REC, RES, POPE or region captioning, or tabulate results.
+
+    nextchat-eval TASK --model DIR --data FILE --images DIR --output DIR
+                  [--batch-size 8] [--max-new-tokens N] [--fast-rec] [--limit N] [--split NAME] ...
+    nextchat-eval summary OUTPUT_DIR [OUTPUT_DIR ...]
+
+TASK is ``rec``, ``res``, ``pope`` or ``reg`` (RefCOCOg region captioning). Predictions are appended to
+``OUTPUT/predictions.jsonl`` as they come; running the same command again resumes where it stopped. The metrics and
+the paper's number for the split go to ``OUTPUT/results.json`` (and are printed). ``summary`` prints a Markdown
+table of the ``results.json`` of several output folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .data import TASKS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nextchat-eval",
+        description="Evaluate NExT-Chat on REC / RES / POPE / region captioning (resumable; results next to the "
+        "paper's numbers). `nextchat-eval summary DIR...` tabulates finished runs.",
+    )
+    parser.add_argument("task", choices=list(TASKS), help="rec | res | pope | reg (region captioning)")
+    parser.add_argument("--model", required=True, help="converted NExT-Chat folder (model + processor)")
+    parser.add_argument("--processor", default=None, help="processor folder (default: --model)")
+    parser.add_argument("--data", required=True, help="annotation file (.jsonl / .json), see nextchat.evaluation.data")
+    parser.add_argument("--images", default=None, help="image folder (default: the annotation file's folder)")
+    parser.add_argument("--masks", default=None, help="res: folder of mask files, when the annotations name files")
+    parser.add_argument("--output", required=True, help="output folder (predictions.jsonl, results.json)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 20 (rec, res, pope), 500 (reg), as the original")
+    parser.add_argument("--fast-rec", action="store_true",
+                        help="REC/RES: teacher-forced 'Answer: <at>' and one forward per batch (the original's REC "
+                        "evaluation) instead of free generation")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--split", default=None,
+                        help="paper split (refcoco_val, refcoco+_testA, refcocog_test, random, popular, adversarial, "
+                        "refcocog_google_val); default: read from the file name")
+    parser.add_argument("--template", default=None,
+                        help="prompt template string or JSON list file (placeholders <expr>, <objs>, <question>)")
+    parser.add_argument("--bbox-format", choices=["xyxy", "xywh"], default="xyxy")
+    parser.add_argument("--expressions", choices=["all", "first"], default="all",
+                        help="lines with several expressions: one sample each (all) or the first only")
+    parser.add_argument("--res-multi-trigger", choices=["zero", "first"], default="zero",
+                        help="RES answer with several <at>: empty mask as the original (zero) or use the first")
+    parser.add_argument("--caption-tokenizer", choices=["auto", "ptb", "simple"], default="auto",
+                        help="reg: PTBTokenizer (needs java), a Python approximation, or auto")
+    parser.add_argument("--no-meteor", action="store_true", help="reg: skip METEOR (computed when java exists)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="auto: bfloat16 on CUDA (as the original evaluation), float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def summary(argv: list[str]) -> int:
+    from .runners import RESULTS_FILE, format_results_table
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: nextchat-eval summary OUTPUT_DIR [OUTPUT_DIR ...]")
+        return 0 if argv else 2
+    results = []
+    for folder in argv:
+        path = folder if folder.endswith(".json") else os.path.join(folder, RESULTS_FILE)
+        if not os.path.isfile(path):
+            print(f"nextchat-eval summary: no {RESULTS_FILE} in {folder}", file=sys.stderr)
+            return 2
+        with open(path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    print(format_results_table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "summary":
+        return summary(argv[1:])
+    args = _parser().parse_args(argv)
+
+    import torch
+
+    from nextchat import NextChatForConditionalGeneration
+    from nextchat.processing import NextChatProcessor
+
+    from .runners import evaluate, format_results_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    processor = NextChatProcessor.from_pretrained(args.processor or args.model)
+    model = NextChatForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    model.to(device).eval()
+    results = evaluate(
+        args.task,
+        model,
+        processor,
+        args.data,
+        args.output,
+        args.images,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        fast_rec=args.fast_rec,
+        template=args.template,
+        limit=args.limit,
+        split=args.split,
+        bbox_format=args.bbox_format,
+        expressions=args.expressions,
+        res_multi_trigger=args.res_multi_trigger,
+        caption_tokenizer=args.caption_tokenizer,
+        meteor=False if args.no_meteor else None,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        model_name=os.path.basename(os.path.normpath(args.model)),
+        masks_dir=args.masks,
+    )
+    print(json.dumps(results["metrics"], indent=2, sort_keys=True))
+    print(format_results_table([results]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

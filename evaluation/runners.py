@@ -1,0 +1,655 @@
+"""Benchmark runners: REC, RES, POPE and region captioning, batched, deterministic and resumable.
+
+:func:`evaluate` runs one task on one annotation file (formats in :mod:`nextchat.evaluation.data`) and writes
+into ``output_dir``:
+
+* ``predictions.jsonl`` -- one JSON object per sample, appended (and flushed) batch by batch as predictions come.
+  A restarted run reads it, skips the ids already there (a torn last line from a killed run is dropped) and goes
+  on; the final metrics are computed from this file in the order of the annotation file, so an interrupted and
+  resumed run writes the same ``results.json`` as an uninterrupted one.
+* ``run_config.json`` -- the settings that change predictions (task, data file, model, prompts, generation
+  settings). Resuming with different settings is refused (``overwrite=True`` starts afresh).
+* ``results.json`` -- the metrics, the paper's number for the split (:mod:`nextchat.evaluation.paper`) and
+  ``comparison`` rows ``{"metric", "ours", "paper", "delta"}`` in percent. No timestamps (reproducible file).
+
+Prompts follow the original (reference §4.5; the template JSONs of ``config/_base_/dataset/template``): REC / RES
+``<image> Where is <expr> in the image?``, region captioning ``<image> Can you describe <objs>?`` (``<objs>`` ->
+``[0]`` -> ``<at> <boxes>`` fed the box), POPE ``<image> <question>``, rendered with vicuna v1.1 and ending in
+``ASSISTANT:``. ``template`` may be another string or a JSON file with a list of templates (as the original's);
+with several templates each sample gets one chosen by a stable hash of its id (the original draws at random).
+A sample's own ``question`` replaces the template (used for the synthetic task).
+
+Generation is greedy (``do_sample=False``, ``num_beams=1``) on left-padded batches, as the original evaluation
+(``num_beams=1``); defaults of ``max_new_tokens`` are the original's: 20 (RES, POPE; REC full generation) and 500
+(region captions).
+
+REC has two modes:
+
+* full generation (default): the model answers freely; the box of the first ``<at>`` it generates is the
+  prediction, none is a miss (IoU 0, counted in ``failed``).
+* ``fast_rec=True``: the original's REC evaluation shortcut (``generate_rec``): the answer is teacher-forced as
+  ``Answer: <at>`` (the processor's ``append_trigger=True`` after ``ASSISTANT: Answer:``; the original appends
+  ``Answer: <at> <boxes> .</s>``, whose tokens after ``<at>`` cannot change the causal hidden state at ``<at>``),
+  and ONE forward per batch reads ``pred_boxes`` at that trigger. This is how the paper's REC numbers were
+  computed. For RES the same switch reads the mask of that trigger (SAM) in one forward; the paper's RES numbers
+  used generation.
+
+Metrics (:mod:`nextchat.evaluation.metrics`): REC IoU in the padded-square normalised frame with the raw box (as the
+original, unclipped; equal to pixel IoU for boxes inside the image); RES I/U per sample between the predicted mask
+(SAM logits > 0 at the original resolution) and the ground truth -- no ``<at>`` is a failure with an empty mask
+and several ``<at>`` an empty mask (``"unmatched"``), as in the original (``res_multi_trigger="first"`` uses the
+first one instead); POPE the original's answer parsing; region captions lower-cased, CIDEr / METEOR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .data import TASKS, EvalSample, decode_mask, load_image, load_samples
+from .metrics import (
+    box_iou,
+    caption_metrics,
+    extract_caption,
+    mask_intersection_union,
+    parse_pope_answer,
+    pope_metrics,
+    rec_metrics_from_ious,
+    res_metrics,
+)
+from .paper import PAPER_SOURCE, detect_split, paper_results
+
+
+DEFAULT_TEMPLATES = {
+    "rec": "<image> Where is <expr> in the image?",
+    "res": "<image> Where is <expr> in the image?",
+    "reg": "<image> Can you describe <objs>?",
+    "pope": "<image> <question>",
+}
+TEMPLATE_PLACEHOLDERS = {"rec": "<expr>", "res": "<expr>", "reg": "<objs>", "pope": "<question>"}
+DEFAULT_MAX_NEW_TOKENS = {"rec": 20, "res": 20, "pope": 20, "reg": 500}
+DEFAULT_ANSWER_PREFIX = "Answer:"
+PREDICTIONS_FILE = "predictions.jsonl"
+RESULTS_FILE = "results.json"
+RUN_CONFIG_FILE = "run_config.json"
+
+# metric in results["metrics"] -> (paper key, factor to percent)
+_COMPARED = {
+    "rec": [("accuracy", "accuracy", 100.0)],
+    "res": [("ciou", "ciou", 100.0)],
+    "pope": [("accuracy", "accuracy", 100.0), ("f1", "f1", 100.0)],
+    "reg": [("cider", "cider", 1.0), ("meteor", "meteor", 1.0)],
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_templates(task: str, template: str | Sequence[str] | None = None) -> list[str]:
+    """The prompt templates of ``task``: the default, a template string, a list, or a JSON file holding a list."""
+    if template is None:
+        templates = [DEFAULT_TEMPLATES[task]]
+    elif isinstance(template, str):
+        if template.endswith(".json") and os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                templates = json.load(f)
+            if isinstance(templates, str):
+                templates = [templates]
+        else:
+            templates = [template]
+    else:
+        templates = list(template)
+    if not templates or not all(isinstance(t, str) for t in templates):
+        raise ValueError(f"`template` must be a string, a list of strings or a JSON file with one, got {template!r}")
+    placeholder = TEMPLATE_PLACEHOLDERS[task]
+    for t in templates:
+        if placeholder not in t:
+            raise ValueError(f"the {task} template {t!r} has no {placeholder} placeholder")
+    return templates
+
+
+def choose_template(templates: list[str], sample_id: str) -> str:
+    """One template per sample: the only one, or a stable hash (crc32) of the sample id into the list."""
+    if len(templates) == 1:
+        return templates[0]
+    return templates[zlib.crc32(sample_id.encode("utf-8")) % len(templates)]
+
+
+def build_prompt(task: str, sample: EvalSample, processor, templates: list[str], fast: bool = False) -> str:
+    """The full prompt text of a sample (vicuna v1.1, ending in ``ASSISTANT:``; with ``fast`` followed by the answer
+    prefix, e.g. ``ASSISTANT: Answer:``, to which the processor appends ``<at>``)."""
+    if sample.question is not None:
+        user = sample.question.replace("<objs>", "[0]") if task == "reg" else sample.question
+    else:
+        user = choose_template(templates, sample.id)
+        if task in ("rec", "res"):
+            user = user.replace("<expr>", processor.escape_text(sample.expression or ""))
+        elif task == "pope":
+            user = user.replace("<question>", processor.escape_text(sample.expression or ""))
+        else:
+            user = user.replace("<objs>", "[0]")
+    if processor.image_placeholder not in user:
+        user = f"{processor.image_placeholder} {user}"
+    text = processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    if fast:
+        prefix = sample.answer_prefix if sample.answer_prefix is not None else DEFAULT_ANSWER_PREFIX
+        if prefix:
+            text = f"{text} {processor.escape_text(prefix)}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resumable prediction file
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PredictionStore:
+    """``predictions.jsonl``: records keyed by ``id``; appended batch by batch and flushed to disk.
+
+    On opening, lines that do not parse (the torn tail of a killed run) are dropped and the file is rewritten
+    without them before anything is appended."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if os.path.exists(path):
+            good, bad = [], 0
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        bad += 1
+                        continue
+                    if not isinstance(record, dict) or "id" not in record or not line.endswith("\n"):
+                        bad += 1
+                        continue
+                    good.append(line)
+                    self.records[str(record["id"])] = record
+            if bad:
+                tmp = path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(good)
+                os.replace(tmp, path)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.records
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                self.records[str(record["id"])] = record
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_model(inputs: dict, model) -> dict:
+    device = model.device
+    dtype = model.dtype
+    out = {}
+    for key, value in inputs.items():
+        if torch.is_tensor(value):
+            value = value.to(device)
+            if value.is_floating_point() and key in ("pixel_values", "sam_pixel_values", "box_inputs"):
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def _gt_box_normalized(box, size) -> list[float]:
+    from nextchat.processing import boxes_to_square_frame
+
+    return np.clip(boxes_to_square_frame(np.asarray(box, dtype=np.float64), size), 0.0, 1.0)[0].tolist()
+
+
+def _pixel_box(raw, size) -> list[float]:
+    from nextchat.processing import boxes_from_square_frame
+
+    raw = np.asarray(raw, dtype=np.float64)
+    ordered = np.array([min(raw[0], raw[2]), min(raw[1], raw[3]), max(raw[0], raw[2]), max(raw[1], raw[3])])
+    return boxes_from_square_frame(ordered, tuple(size), clip=True)[0].tolist()
+
+
+class _Runner:
+    def __init__(self, task, model, processor, templates, fast, max_new_tokens, images_dir, data_dir,
+                 res_multi_trigger, generate_kwargs, masks_dir=None):
+        self.task = task
+        self.model = model
+        self.processor = processor
+        self.templates = templates
+        self.fast = fast
+        self.max_new_tokens = max_new_tokens
+        self.images_dir = images_dir
+        self.data_dir = data_dir
+        self.masks_dir = masks_dir
+        self.res_multi_trigger = res_multi_trigger
+        self.generate_kwargs = dict(generate_kwargs or {})
+        if task == "res" and getattr(model, "sam", None) is None:
+            raise ValueError("RES needs a model with SAM (`config.sam_config` is None: a box-only model)")
+        if task == "res" and processor.image_processor.sam_image_size is None:
+            raise ValueError("RES needs a processor whose image processor has `sam_image_size`")
+
+    def inputs(self, samples: list[EvalSample]):
+        images = [load_image(s.image, self.images_dir, self.data_dir) for s in samples]
+        texts = [build_prompt(self.task, s, self.processor, self.templates, self.fast) for s in samples]
+        boxes = [[s.bbox] for s in samples] if self.task == "reg" else None
+        inputs = self.processor(
+            images=images,
+            text=texts,
+            boxes=boxes,
+            clip_boxes=True,
+            append_trigger=self.fast,
+            return_sam_pixel_values=self.task == "res",
+            padding_side="left",
+            return_tensors="pt",
+        )
+        sizes = [tuple(int(v) for v in s) for s in inputs.pop("image_sizes").tolist()]
+        return _to_model(dict(inputs), self.model), sizes
+
+    def generate(self, inputs):
+        tokenizer = self.processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, return_dict_in_generate=True,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        kwargs.update(self.generate_kwargs)
+        return self.model.generate(**inputs, **kwargs)
+
+    def fast_forward(self, inputs, with_masks: bool):
+        """One teacher-forced forward; per row the box (and mask logits) at the trigger that ends its prompt."""
+        if not with_masks:
+            inputs = {k: v for k, v in inputs.items() if k != "sam_pixel_values"}
+        out = self.model(**inputs, logits_to_keep=1, use_cache=False)
+        last = inputs["input_ids"].shape[1] - 1
+        positions = out.trigger_positions
+        boxes = [None] * inputs["input_ids"].shape[0]
+        masks = [None] * len(boxes)
+        for k in range(positions.shape[0]):
+            row, col = int(positions[k, 0]), int(positions[k, 1])
+            if col == last:
+                boxes[row] = out.pred_boxes[k].float().cpu().numpy()
+                if with_masks and out.pred_masks is not None:
+                    masks[row] = out.pred_masks[k].float().cpu()
+        if any(b is None for b in boxes):
+            raise RuntimeError("the fast path found no trigger at the end of a prompt")
+        return boxes, masks
+
+    # -- tasks ------------------------------------------------------------------------------------------------
+
+    def predict(self, samples: list[EvalSample]) -> list[dict]:
+        inputs, sizes = self.inputs(samples)
+        return getattr(self, f"_predict_{self.task}")(samples, inputs, sizes)
+
+    def _predict_rec(self, samples, inputs, sizes):
+        records = []
+        if self.fast:
+            boxes, _ = self.fast_forward(inputs, with_masks=False)
+            texts, counts = [None] * len(samples), [1] * len(samples)
+        else:
+            post = self.processor.post_process_generation(self.generate(inputs), image_sizes=sizes)
+            boxes = [p["entities"][0]["box_normalized"] if p["entities"] else None for p in post]
+            texts = [p["text"] for p in post]
+            counts = [len(p["entities"]) for p in post]
+        for s, size, raw, text, count in zip(samples, sizes, boxes, texts, counts):
+            gt_norm = _gt_box_normalized(s.bbox, size)
+            iou = 0.0 if raw is None else float(box_iou(np.asarray(raw, dtype=np.float64), gt_norm)[0])
+            records.append({
+                "id": s.id, "image": s.image, "expression": s.expression, "gt_box": s.bbox,
+                "pred_box": None if raw is None else _pixel_box(raw, size),
+                "pred_box_normalized": None if raw is None else [float(v) for v in raw],
+                "iou": iou, "n_triggers": count, "text": text,
+            })
+        return records
+
+    def _predict_res(self, samples, inputs, sizes):
+        from nextchat.processing import masks_from_sam_frame
+
+        sam_size = self.processor.image_processor.sam_image_size
+        if self.fast:
+            boxes, logits = self.fast_forward(inputs, with_masks=True)
+            masks = [masks_from_sam_frame(m[None], size, sam_size)[0] for m, size in zip(logits, sizes)]
+            texts, counts = [None] * len(samples), [1] * len(samples)
+            entity_boxes = boxes
+            per_sample = [[m] for m in masks]
+        else:
+            post = self.processor.post_process_generation(self.generate(inputs), image_sizes=sizes)
+            texts = [p["text"] for p in post]
+            counts = [len(p["entities"]) for p in post]
+            per_sample = [[e["mask"] for e in p["entities"]] for p in post]
+            entity_boxes = [p["entities"][0]["box_normalized"] if p["entities"] else None for p in post]
+        records = []
+        for s, size, preds, raw, text, count in zip(samples, sizes, per_sample, entity_boxes, texts, counts):
+            height, width = size
+            if s.height is not None and s.width is not None and (int(s.height), int(s.width)) != (height, width):
+                raise ValueError(
+                    f"sample {s.id}: the annotation says (height, width) = {(s.height, s.width)} but the image is "
+                    f"{(height, width)}"
+                )
+            target = decode_mask(s.mask, height, width, self.masks_dir, self.images_dir, self.data_dir)
+            if count == 0:
+                status, pred = "fail", None
+            elif count > 1 and self.res_multi_trigger == "zero":
+                status, pred = "unmatched", None
+            else:
+                status, pred = "ok", preds[0]
+            inter, union = mask_intersection_union(pred, target)
+            records.append({
+                "id": s.id, "image": s.image, "expression": s.expression, "intersection": inter, "union": union,
+                "iou": inter / union if union else 1.0, "status": status, "n_triggers": count,
+                "pred_box": None if raw is None else _pixel_box(raw, size), "text": text,
+            })
+        return records
+
+    def _predict_pope(self, samples, inputs, sizes):
+        post = self.processor.post_process_generation(self.generate(inputs), image_sizes=sizes)
+        return [
+            {"id": s.id, "image": s.image, "question": s.expression, "label": s.label, "text": p["text"],
+             "answer": parse_pope_answer(p["text"])}
+            for s, p in zip(samples, post)
+        ]
+
+    def _predict_reg(self, samples, inputs, sizes):
+        post = self.processor.post_process_generation(self.generate(inputs), image_sizes=sizes)
+        return [
+            {"id": s.id, "image": s.image, "bbox": s.bbox, "text": p["text"], "prediction": extract_caption(p["text"]),
+             "references": s.references}
+            for s, p in zip(samples, post)
+        ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics from records, results
+# --------------------------------------------------------------------------------------------------------------
+
+
+def compute_metrics(
+    task: str, records: list[dict], caption_tokenizer: str = "auto", meteor: bool | None = None
+) -> dict:
+    """The task's metrics from prediction records (as written to ``predictions.jsonl``)."""
+    if task == "rec":
+        return rec_metrics_from_ious([r["iou"] for r in records], failed=sum(r["pred_box"] is None for r in records))
+    if task == "res":
+        metrics = res_metrics([r["intersection"] for r in records], [r["union"] for r in records])
+        metrics["no_trigger"] = sum(r["status"] == "fail" for r in records)
+        metrics["unmatched"] = sum(r["status"] == "unmatched" for r in records)
+        return metrics
+    if task == "pope":
+        return pope_metrics([r["answer"] for r in records], [r["label"] for r in records])
+    if task == "reg":
+        return caption_metrics(
+            [r["prediction"] for r in records], [[x.lower() for x in r["references"]] for r in records],
+            tokenizer=caption_tokenizer, meteor=meteor,
+        )
+    raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+
+
+def comparison_rows(task: str, metrics: dict, paper: dict | None) -> list[dict]:
+    """Rows ``{"metric", "ours", "paper", "delta"}`` in percent (CIDEr/METEOR on their x100 scale), rounded to 2."""
+    rows = []
+    for key, paper_key, factor in _COMPARED[task]:
+        value = metrics.get(key)
+        ours = None if value is None else round(float(value) * factor, 2)
+        theirs = None if paper is None else paper.get(paper_key)
+        delta = None if ours is None or theirs is None else round(ours - theirs, 2)
+        rows.append({"metric": key, "ours": ours, "paper": theirs, "delta": delta})
+    return rows
+
+
+def _stable_repr(value) -> str:
+    """A repr without memory addresses (objects are named by their class)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_stable_repr(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_stable_repr(v)}" for k, v in sorted(value.items())) + "}"
+    return type(value).__name__
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    task: str,
+    model,
+    processor,
+    data: str | Sequence[EvalSample],
+    output_dir: str,
+    images_dir: str | None = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    fast_rec: bool = False,
+    template: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    bbox_format: str = "xyxy",
+    expressions: str = "all",
+    res_multi_trigger: str = "zero",
+    caption_tokenizer: str = "auto",
+    meteor: bool | None = None,
+    generate_kwargs: dict | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    model_name: str | None = None,
+    extra_settings: dict | None = None,
+    masks_dir: str | None = None,
+) -> dict:
+    """Evaluate ``model`` on one benchmark file; returns the results dict (also written to ``results.json``).
+
+    Args:
+        task: ``"rec"``, ``"res"``, ``"pope"`` or ``"reg"`` (region captioning).
+        model, processor: a ``NextChatForConditionalGeneration`` (in eval mode, on its device and dtype) and its
+            ``NextChatProcessor``.
+        data: an annotation file (see :mod:`nextchat.evaluation.data`) or a list of :class:`EvalSample`.
+        output_dir: where ``predictions.jsonl``, ``run_config.json`` and ``results.json`` go.
+        images_dir: folder of the images (default: the annotation file's folder).
+        batch_size: samples per generate / forward call (left-padded).
+        max_new_tokens: default :data:`DEFAULT_MAX_NEW_TOKENS` of the task.
+        fast_rec: REC (and RES) through the teacher-forced trigger, one forward per batch (module docstring).
+        template: prompt template(s) (module docstring); a sample's own ``question`` wins.
+        limit: evaluate only the first ``limit`` samples (the results then say ``"complete": false``).
+        split: paper split name (e.g. ``refcoco_testA``, ``popular``); default: read from the file name.
+        bbox_format: ``"xyxy"`` (Shikra / NExT-Chat files) or ``"xywh"`` (COCO) for ``bbox`` fields.
+        expressions: ``"all"`` (one sample per expression) or ``"first"`` for lines with several expressions.
+        res_multi_trigger: ``"zero"`` (several ``<at>`` -> empty mask, the original) or ``"first"``.
+        caption_tokenizer, meteor: see :func:`nextchat.evaluation.metrics.caption_metrics`.
+        generate_kwargs: extra ``generate`` arguments (override the greedy defaults).
+        progress: show a tqdm progress bar.
+        overwrite: delete earlier predictions in ``output_dir`` instead of resuming.
+        model_name: the model's name for the records (default: ``model.name_or_path``).
+        extra_settings: more entries for ``results["settings"]``.
+        masks_dir: folder of RES mask files when the annotations name files (looked up before ``images_dir``).
+    """
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"`limit` must be a non-negative int, got {limit!r}")
+    if res_multi_trigger not in ("zero", "first"):
+        raise ValueError(f"`res_multi_trigger` must be 'zero' or 'first', got {res_multi_trigger!r}")
+    fast = bool(fast_rec) and task in ("rec", "res")
+    if fast_rec and task not in ("rec", "res"):
+        raise ValueError(f"`fast_rec` applies to rec and res only, not {task!r}")
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    templates = load_templates(task, template)
+
+    data_path = data if isinstance(data, str) else None
+    samples = load_samples(task, data, bbox_format, expressions) if data_path else list(data)
+    data_dir = os.path.dirname(os.path.abspath(data_path)) if data_path else None
+    if split is None and data_path:
+        split = detect_split(task, data_path)
+    selected = samples if limit is None else samples[:limit]
+    model_name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+
+    os.makedirs(output_dir, exist_ok=True)
+    predictions_path = os.path.join(output_dir, PREDICTIONS_FILE)
+    config_path = os.path.join(output_dir, RUN_CONFIG_FILE)
+    results_path = os.path.join(output_dir, RESULTS_FILE)
+    run_config = _jsonable({
+        "task": task,
+        "data": os.path.basename(data_path) if data_path else None,
+        "num_samples_in_file": len(samples),
+        "model": model_name,
+        "fast_rec": fast,
+        "templates": templates,
+        "max_new_tokens": None if fast else max_new_tokens,
+        "bbox_format": bbox_format,
+        "expressions": expressions,
+        "res_multi_trigger": res_multi_trigger if task == "res" else None,
+        "generate_kwargs": {k: _stable_repr(v) for k, v in sorted((generate_kwargs or {}).items())},
+    })
+    if overwrite:
+        for path in (predictions_path, config_path, results_path):
+            if os.path.exists(path):
+                os.remove(path)
+    if os.path.exists(predictions_path) and os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != run_config:
+            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+            raise ValueError(
+                f"{output_dir} holds predictions of a different run (settings differ: {changed}); use another "
+                "output folder or overwrite=True (--overwrite)"
+            )
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(run_config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    store = PredictionStore(predictions_path)
+    todo = [s for s in selected if s.id not in store]
+    runner = _Runner(task, model, processor, templates, fast, max_new_tokens, images_dir, data_dir,
+                     res_multi_trigger, generate_kwargs, masks_dir)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    torch.manual_seed(0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc=f"nextchat-eval {task}", unit="sample")
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                store.append(_jsonable(runner.predict(batch)))
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+
+    records = [store.records[s.id] for s in selected]
+    metrics = compute_metrics(task, records, caption_tokenizer=caption_tokenizer, meteor=meteor)
+    paper = paper_results(task, split)
+    settings = {
+        "model": model_name,
+        "fast_rec": fast,
+        "batch_size": batch_size,
+        "max_new_tokens": None if fast else max_new_tokens,
+        "templates": templates,
+        "limit": limit,
+        "decoding": "greedy (do_sample=False, num_beams=1)" if not fast else "teacher-forced trigger, one forward",
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+    }
+    settings.update(extra_settings or {})
+    results = _jsonable({
+        "task": task,
+        "split": split,
+        "data": os.path.basename(data_path) if data_path else None,
+        "num_samples": len(selected),
+        "complete": len(selected) == len(samples),
+        "metrics": metrics,
+        "paper": paper,
+        "paper_source": PAPER_SOURCE if paper else None,
+        "comparison": comparison_rows(task, metrics, paper),
+        "settings": settings,
+    })
+    tmp = results_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, results_path)
+    return results
+
+
+def evaluate_rec(model, processor, data, output_dir, images_dir=None, **kwargs) -> dict:
+    """:func:`evaluate` with ``task="rec"``."""
+    return evaluate("rec", model, processor, data, output_dir, images_dir, **kwargs)
+
+
+def evaluate_res(model, processor, data, output_dir, images_dir=None, **kwargs) -> dict:
+    """:func:`evaluate` with ``task="res"``."""
+    return evaluate("res", model, processor, data, output_dir, images_dir, **kwargs)
+
+
+def evaluate_pope(model, processor, data, output_dir, images_dir=None, **kwargs) -> dict:
+    """:func:`evaluate` with ``task="pope"``."""
+    return evaluate("pope", model, processor, data, output_dir, images_dir, **kwargs)
+
+
+def evaluate_reg(model, processor, data, output_dir, images_dir=None, **kwargs) -> dict:
+    """:func:`evaluate` with ``task="reg"`` (region captioning)."""
+    return evaluate("reg", model, processor, data, output_dir, images_dir, **kwargs)
+
+
+def format_results_table(results: Sequence[dict]) -> str:
+    """A Markdown table of several ``results.json`` contents: task, split, n, metric, ours, paper, delta."""
+    lines = ["| task | split | n | metric | ours | paper | delta |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r.get("comparison", []):
+            cells = [r.get("task"), r.get("split") or "-", r.get("num_samples"), row["metric"],
+                     row["ours"], row["paper"], row["delta"]]
+            lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_TEMPLATES",
+    "PredictionStore",
+    "build_prompt",
+    "choose_template",
+    "comparison_rows",
+    "compute_metrics",
+    "evaluate",
+    "evaluate_pope",
+    "evaluate_rec",
+    "evaluate_reg",
+    "evaluate_res",
+    "format_results_table",
+    "load_templates",
+]
