@@ -51,7 +51,15 @@ setup(
     ],
     extras_require={
         "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0.6"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pycocoevalcap>=1.2", "pycocotools>=2.0.6"],
+        "demo": ["gradio>=6.0,<7"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "pycocoevalcap>=1.2",
+            "pycocotools>=2.0.6",
+            "gradio>=6.0,<7",
+            "playwright>=1.50",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,636 @@
+"""The chat engine shared by the command line (`nextchat-chat`) and the web page (`nextchat-demo`).
+
+Nothing here imports gradio. A :class:`ChatSession` holds one image and one conversation:
+
+* **Boxes are numbered per conversation.** Every box gets the next free index: the boxes the user gives (in the
+  order given) and the boxes the model grounds in its answers (in the order of the answer). In a question,
+  ``[i]`` refers to box ``i`` (``[0,1]`` to two boxes at once; ``\\[`` is a literal bracket), so after the model
+  answered "the dog [1]" the user may ask "what is [1] doing?". A box the user adds must be mentioned in the
+  question that brings it.
+* **History.** Earlier answers are fed back with their ``<at> <boxes>`` pairs in place (as references to the
+  boxes the model predicted), so the model sees its own grounding, as in the original multi-turn data.
+* **Drawing.** Each answer is drawn with the original demo's colours (``#F76566, #18ACBA, #9400D3, #454926,
+  #4E72B8``): the k-th grounded phrase of an answer gets colour k (mod 5), its box (labelled with its index) and its
+  SAM mask (when the model has SAM and the mask's predicted IoU reaches ``iou_threshold``, 0.3 as in the
+  original). The user's boxes of that turn are drawn in grey underneath.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import PIL.ImageColor
+
+
+DRAW_COLORS = ("#F76566", "#18ACBA", "#9400D3", "#454926", "#4E72B8")
+USER_BOX_COLOR = "#7F7F7F"
+SHIPPED_MODEL_NAME = "tiny-nextchat-shapes"
+MODEL_ENV_VAR = "NEXTCHAT_DEMO_MODEL"
+
+# The example prompts of the original web demo (reference §4.5).
+EXAMPLE_PROMPTS = {
+    "Where is X?": "Where is {} in the image?",
+    "Describe with locations": (
+        "Can you provide a description of the image and include the locations for each mentioned object?"
+    ),
+    "Explain with locations": "{} Please include object locations and explain.",
+    "What is in region [0]?": "What is region [0]?",
+}
+
+_REF_RE = re.compile(r"(?<!\\)\[\s*(\d+(?:\s*,\s*\d+)*)\s*,?\s*\]")
+
+
+class DemoError(ValueError):
+    """A problem with what the user asked for (bad box, missing image, unknown model folder...): its message is
+    meant to be shown to the user as is."""
+
+
+def log(message: str) -> None:
+    """Progress messages go to stderr (stdout carries the answers)."""
+    print(f"[nextchat] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model folder and loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shipped_model_candidates() -> list[Path]:
+    """Where the tiny model shipped with the repository is looked for: ``examples/tiny-nextchat-shapes`` next to the
+    package sources (editable install / source checkout), then under the current directory."""
+    here = Path(__file__).resolve().parent
+    return [here.parent / "examples" / SHIPPED_MODEL_NAME, Path.cwd() / "examples" / SHIPPED_MODEL_NAME]
+
+
+def default_model_dir() -> str | None:
+    """``$NEXTCHAT_DEMO_MODEL`` if set, else the shipped tiny model when it is present, else ``None``."""
+    env = os.environ.get(MODEL_ENV_VAR)
+    if env:
+        return env
+    for candidate in shipped_model_candidates():
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return None
+
+
+def resolve_model_dir(model: str | None) -> str:
+    if model is None:
+        model = default_model_dir()
+        if model is None:
+            where = ", ".join(str(p) for p in shipped_model_candidates())
+            raise DemoError(
+                f"no --model given and the shipped tiny model was not found (looked in {where}); pass --model DIR "
+                f"with a converted NExT-Chat folder (config.json, weights, processor files) or set ${MODEL_ENV_VAR}"
+            )
+    return model
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise DemoError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return table[dtype]
+
+
+def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = log):
+    """Load a NExT-Chat folder (the model and its processor). Returns ``(model, processor)``."""
+
+    from nextchat import NextChatForConditionalGeneration
+    from nextchat.processing import NextChatProcessor
+
+    path = Path(model_dir)
+    if not path.exists():
+        raise DemoError(f"model folder {model_dir!r} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise DemoError(f"{model_dir!r} has no config.json: pass a folder written by save_pretrained / nextchat-convert")
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    start = time.perf_counter()
+    progress(f"loading the processor from {model_dir} ...")
+    processor = NextChatProcessor.from_pretrained(model_dir)
+    progress(f"loading the model from {model_dir} on {device} ({str(torch_dtype).replace('torch.', '')}) ...")
+    model = NextChatForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
+    if getattr(model.config, "model_type", None) != "nextchat":
+        raise DemoError(f"{model_dir!r} is not a NExT-Chat model (model_type={model.config.model_type!r})")
+    model.to(device).eval()
+    check_compatible(model, processor)
+    n_params = sum(p.numel() for p in model.parameters())
+    progress(
+        f"model ready in {time.perf_counter() - start:.1f} s ({n_params / 1e6:.2f} M parameters, "
+        f"{'with' if model.sam is not None else 'without'} SAM)"
+    )
+    return model, processor
+
+
+def check_compatible(model, processor) -> None:
+    config = model.config
+    for name, value in processor.special_token_ids.items():
+        if getattr(config, name) != value:
+            raise DemoError(
+                f"the processor and the model disagree on {name}: {value} vs {getattr(config, name)}; "
+                "use the processor saved with this model"
+            )
+    if processor.image_seq_length != config.image_seq_length:
+        raise DemoError(
+            f"the processor writes {processor.image_seq_length} image tokens but the model expects "
+            f"{config.image_seq_length}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings, boxes, replies
+# --------------------------------------------------------------------------------------------------------------
+
+
+DECODING_MODES = ("greedy", "beam", "sample")
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are decoded. ``mode``: ``greedy``, ``beam`` (``num_beams``; the original demo used 5) or
+    ``sample`` (``temperature``, ``top_p``, ``top_k``: the original demo's 0.8 / 0.7 / 5; ``seed`` for repeatable
+    samples)."""
+
+    mode: str = "greedy"
+    max_new_tokens: int = 128
+    num_beams: int = 5
+    temperature: float = 0.8
+    top_p: float = 0.7
+    top_k: int = 5
+    seed: int | None = None
+
+    def validate(self) -> "GenerationSettings":
+        aliases = {"beams": "beam", "beam search": "beam", "sampling": "sample"}
+        self.mode = aliases.get(str(self.mode).lower(), str(self.mode).lower())
+        if self.mode not in DECODING_MODES:
+            raise DemoError(f"decoding mode must be one of {', '.join(DECODING_MODES)}, got {self.mode!r}")
+        try:
+            self.max_new_tokens = int(self.max_new_tokens)
+            self.num_beams = int(self.num_beams)
+            self.top_k = int(self.top_k)
+            self.temperature = float(self.temperature)
+            self.top_p = float(self.top_p)
+        except (TypeError, ValueError) as err:
+            raise DemoError(f"bad generation setting: {err}") from err
+        if self.max_new_tokens < 1:
+            raise DemoError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.mode == "beam" and self.num_beams < 1:
+            raise DemoError(f"number of beams must be at least 1, got {self.num_beams}")
+        if self.mode == "sample":
+            if self.temperature <= 0:
+                raise DemoError(f"temperature must be > 0, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise DemoError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise DemoError(f"top_k must be >= 0, got {self.top_k}")
+        return self
+
+    def generate_kwargs(self) -> dict:
+        self.validate()
+        kwargs = {"max_new_tokens": self.max_new_tokens}
+        if self.mode == "greedy":
+            kwargs.update(do_sample=False, num_beams=1)
+        elif self.mode == "beam":
+            kwargs.update(do_sample=False, num_beams=self.num_beams)
+        else:
+            kwargs.update(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p,
+                          top_k=self.top_k)
+        return kwargs
+
+    def describe(self) -> str:
+        if self.mode == "greedy":
+            return f"greedy, max {self.max_new_tokens} new tokens"
+        if self.mode == "beam":
+            return f"beam search ({self.num_beams} beams), max {self.max_new_tokens} new tokens"
+        return (f"sampling (temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k}), "
+                f"max {self.max_new_tokens} new tokens")
+
+
+def parse_box(text) -> list[float]:
+    """``"x1,y1,x2,y2"`` (commas and/or spaces, optional brackets) -> four floats."""
+    if isinstance(text, (list, tuple, np.ndarray)):
+        values = list(text)
+    else:
+        cleaned = str(text).strip().strip("[]()")
+        values = [v for v in re.split(r"[,\s]+", cleaned) if v]
+    try:
+        box = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DemoError(f"a box is four pixel numbers x1,y1,x2,y2; got {text!r}") from None
+    if len(box) != 4:
+        raise DemoError(f"a box is four pixel numbers x1,y1,x2,y2; got {text!r}")
+    if not all(np.isfinite(box)):
+        raise DemoError(f"box {text!r} has a non-finite coordinate")
+    return box
+
+
+def parse_boxes(text: str | None) -> list[list[float]]:
+    """Several boxes separated by ``;`` or new lines (``"10,10,50,60; 70,20,90,40"``)."""
+    if text is None:
+        return []
+    parts = [p.strip() for p in re.split(r"[;\n]+", str(text)) if p.strip()]
+    return [parse_box(p) for p in parts]
+
+
+def format_box(box) -> str:
+    return "(" + ", ".join(f"{float(v):.1f}" for v in box) + ")"
+
+
+@dataclass
+class BoxRecord:
+    index: int
+    box: list[float]
+    source: str  # "user" | "model"
+    text: str = ""
+
+
+@dataclass
+class GroundedEntity:
+    """One grounded phrase of an answer."""
+
+    index: int  # the box's number in the conversation ([index])
+    text: str  # the phrase
+    span: tuple[int, int]  # (start, end) in Reply.text
+    box: list[float] | None  # pixel xyxy on the original image
+    box_normalized: list[float] | None
+    mask: np.ndarray | None  # bool (height, width), None without SAM or below the IoU threshold
+    score: float | None
+    color: str
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "text": self.text,
+            "span": list(self.span),
+            "box": None if self.box is None else [round(float(v), 2) for v in self.box],
+            "box_normalized": None if self.box_normalized is None else [float(v) for v in self.box_normalized],
+            "mask_area": None if self.mask is None else int(self.mask.sum()),
+            "score": self.score,
+            "color": self.color,
+        }
+
+
+@dataclass
+class Reply:
+    question: str
+    text: str
+    entities: list[GroundedEntity]
+    image: PIL.Image.Image  # the annotated image
+    user_boxes: list[BoxRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    new_tokens: int = 0
+    settings: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "entities": [e.to_dict() for e in self.entities],
+            "user_boxes": [{"index": b.index, "box": b.box} for b in self.user_boxes],
+            "seconds": round(self.seconds, 3),
+            "new_tokens": self.new_tokens,
+            "settings": self.settings,
+        }
+
+
+def load_image(source) -> PIL.Image.Image:
+    """A path or an image -> an RGB PIL image (transparent parts on white)."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise DemoError(f"image {str(source)!r} does not exist")
+        try:
+            image = PIL.Image.open(source)
+            image.load()
+        except Exception as err:  # PIL raises many kinds
+            raise DemoError(f"cannot read image {str(source)!r}: {err}") from err
+    elif isinstance(source, np.ndarray):
+        image = PIL.Image.fromarray(source.astype(np.uint8) if source.dtype != np.uint8 else source)
+    elif isinstance(source, PIL.Image.Image):
+        image = source
+    else:
+        raise DemoError(f"expected an image or a path, got {type(source).__name__}")
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ChatSession:
+    """One image, one conversation. ``ask`` runs a turn and returns a :class:`Reply`."""
+
+    def __init__(self, model, processor, image=None, settings: GenerationSettings | None = None,
+                 iou_threshold: float = 0.3, progress: Callable[[str], None] | None = log):
+        self.model = model
+        self.processor = processor
+        self.settings = settings or GenerationSettings()
+        self.iou_threshold = iou_threshold
+        self.progress = progress or (lambda message: None)
+        self.image: PIL.Image.Image | None = None
+        self.boxes: list[BoxRecord] = []
+        self.turns: list[tuple[str, str]] = []  # (user text, assistant text with [i] references)
+        self.replies: list[Reply] = []
+        if image is not None:
+            self.set_image(image)
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def set_image(self, image) -> None:
+        """Use a new image; starts a new conversation."""
+        self.image = load_image(image)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the image)."""
+        self.boxes = []
+        self.turns = []
+        self.replies = []
+
+    @property
+    def next_box_index(self) -> int:
+        return len(self.boxes)
+
+    def check_box(self, box) -> list[float]:
+        box = parse_box(box)
+        if self.image is None:
+            raise DemoError("load an image before adding boxes")
+        width, height = self.image.size
+        x1, y1, x2, y2 = box
+        if x2 < x1 or y2 < y1:
+            raise DemoError(f"box {format_box(box)} is inverted: write x1,y1,x2,y2 with x1 <= x2 and y1 <= y2")
+        if min(box) < 0 or x2 > width or y2 > height:
+            raise DemoError(f"box {format_box(box)} leaves the image ({width} x {height} pixels)")
+        return box
+
+    # -- a turn -----------------------------------------------------------------------------------------------
+
+    def _messages(self, question: str) -> list[dict]:
+        messages = []
+        for k, (user, assistant) in enumerate(self.turns):
+            messages.append(self._user_message(user, first=k == 0))
+            messages.append({"role": "assistant", "content": assistant})
+        messages.append(self._user_message(question, first=not self.turns))
+        return messages
+
+    @staticmethod
+    def _user_message(text: str, first: bool) -> dict:
+        if first:
+            return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        return {"role": "user", "content": text}
+
+    def ask(self, question: str, boxes=(), settings: GenerationSettings | None = None) -> Reply:
+        """Ask ``question`` about the image. ``boxes`` (pixel xyxy) are added to the conversation first, numbered
+        from :attr:`next_box_index`, and must be mentioned in the question as ``[i]``."""
+        import torch
+
+        if self.image is None:
+            raise DemoError("load an image first")
+        question = (question or "").strip()
+        if not question:
+            raise DemoError("type a question")
+        settings = (settings or self.settings).validate()
+        new_boxes = [self.check_box(b) for b in (boxes or [])]
+        first_new = len(self.boxes)
+        referenced = {int(i) for group in _REF_RE.findall(question) for i in group.split(",")}
+        total = first_new + len(new_boxes)
+        unknown = sorted(i for i in referenced if i >= total)
+        if unknown:
+            known = f"boxes [0] to [{total - 1}]" if total > 1 else ("only box [0]" if total else "no boxes yet")
+            raise DemoError(
+                f"the question refers to box {', '.join(f'[{i}]' for i in unknown)} but the conversation has {known}; "
+                "add a box first, or write \\[ for a literal bracket"
+            )
+        unused = [first_new + k for k in range(len(new_boxes)) if first_new + k not in referenced]
+        if unused:
+            raise DemoError(
+                f"box {', '.join(f'[{i}]' for i in unused)} is not mentioned in the question; refer to it as "
+                f"[{unused[0]}] (e.g. 'What is in region [{unused[0]}]?')"
+            )
+        user_records = [BoxRecord(first_new + k, b, "user") for k, b in enumerate(new_boxes)]
+        all_boxes = [r.box for r in self.boxes] + new_boxes
+
+        processor, model = self.processor, self.model
+        use_sam = model.sam is not None and processor.image_processor.sam_image_size is not None
+        text = processor.apply_chat_template(self._messages(question), add_generation_prompt=True)
+        try:
+            inputs = processor(
+                images=self.image, text=text, boxes=all_boxes or None, return_sam_pixel_values=use_sam
+            )
+        except ValueError as err:
+            raise DemoError(str(err)) from err
+        image_sizes = inputs.pop("image_sizes")
+        inputs = inputs.to(model.device)
+        kwargs = settings.generate_kwargs()
+        if settings.mode == "sample" and settings.seed is not None:
+            torch.manual_seed(int(settings.seed))
+        eos = processor.tokenizer.eos_token_id
+        pad = processor.tokenizer.pad_token_id
+        self.progress(f"generating ({settings.describe()}) ...")
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs, **kwargs, return_dict_in_generate=True, eos_token_id=eos,
+                pad_token_id=pad if pad is not None else eos,
+            )
+        seconds = time.perf_counter() - start
+        result = processor.post_process_generation(output, image_sizes)[0]
+        new_tokens = int(output.sequences.shape[1] - output.prompt_length)
+        self.progress(f"answered in {seconds:.1f} s ({new_tokens} new tokens)")
+
+        entities = []
+        for k, raw in enumerate(result["entities"]):
+            mask = raw.get("mask")
+            score = raw.get("score")
+            if mask is not None and score is not None and score < self.iou_threshold:
+                mask = None
+            entities.append(
+                GroundedEntity(
+                    index=total + k, text=raw["text"], span=tuple(raw["span"]), box=raw["box"],
+                    box_normalized=raw["box_normalized"], mask=mask, score=score,
+                    color=DRAW_COLORS[k % len(DRAW_COLORS)],
+                )
+            )
+        answer = result["text"]
+        reply = Reply(
+            question=question, text=answer, entities=entities, image=None, user_boxes=user_records,
+            seconds=seconds, new_tokens=new_tokens, settings=settings.describe(),
+        )
+        reply.image = self.draw(reply)
+        # commit the turn
+        self.boxes.extend(user_records)
+        for e in entities:
+            self.boxes.append(BoxRecord(e.index, e.box if e.box is not None else [0.0, 0.0, 0.0, 0.0], "model", e.text))
+        self.turns.append((question, history_text(answer, entities, processor)))
+        self.replies.append(reply)
+        return reply
+
+    # -- drawing ----------------------------------------------------------------------------------------------
+
+    def draw(self, reply: Reply) -> PIL.Image.Image:
+        """The image with the user's boxes of the turn (grey) and the answer's masks and boxes (colours)."""
+        from nextchat.processing.processing_nextchat import draw_grounding
+
+        canvas = self.image
+        width, height = canvas.size
+
+        def visible(box):
+            # a box that ends on the right/bottom border (x2 == width) would be drawn one pixel outside the image
+            if box is None:
+                return None
+            x1, y1, x2, y2 = (float(v) for v in box)
+            return [min(x1, width - 1), min(y1, height - 1), min(x2, width - 1), min(y2, height - 1)]
+
+        if reply.user_boxes:
+            canvas = draw_grounding(
+                canvas, [{"box": visible(r.box)} for r in reply.user_boxes],
+                labels=[str(r.index) for r in reply.user_boxes], colors=[USER_BOX_COLOR],
+            )
+        drawable = [e for e in reply.entities if e.box is not None or e.mask is not None]
+        if drawable:
+            canvas = draw_grounding(
+                canvas,
+                [{"box": visible(e.box), "mask": e.mask} for e in drawable],
+                labels=[str(e.index) for e in drawable],
+                colors=[e.color for e in drawable],
+            )
+        return canvas if canvas is not self.image else self.image.copy()
+
+
+def history_text(answer: str, entities: list[GroundedEntity], processor) -> str:
+    """The answer as it goes back into the prompt: text escaped, ``[i]`` after each grounded phrase."""
+    cuts = {}
+    for e in entities:
+        cuts.setdefault(e.span[1], []).append(e.index)
+    out, last = [], 0
+    for position in sorted(cuts):
+        out.append(processor.escape_text(answer[last:position]))
+        out.append(" [" + ",".join(str(i) for i in cuts[position]) + "]")
+        last = position
+    out.append(processor.escape_text(answer[last:]))
+    return "".join(out).strip()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering of answers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _spans(text: str, entities: list[GroundedEntity]):
+    """Yield (plain_text, None) and (phrase, [entities]) pieces in order (entities that share a span together)."""
+    groups: dict[tuple[int, int], list[GroundedEntity]] = {}
+    for e in entities:
+        groups.setdefault(tuple(e.span), []).append(e)
+    last = 0
+    for (start, end), group in sorted(groups.items()):
+        start = max(start, last)
+        if start > last:
+            yield text[last:start], None
+        yield text[start:end], group
+        last = max(last, end)
+    if last < len(text):
+        yield text[last:], None
+
+
+def answer_html(reply: Reply) -> str:
+    """The answer as HTML: every grounded phrase underlined in the colour of its box, followed by its ``[i]``."""
+    parts = []
+    for piece, group in _spans(reply.text, reply.entities):
+        if group is None:
+            parts.append(html.escape(piece))
+            continue
+        color = group[0].color
+        boxes = "; ".join(f"[{e.index}] {format_box(e.box)}" if e.box is not None else f"[{e.index}]" for e in group)
+        indices = " ".join(
+            f'<sup class="nc-ref" style="color:{e.color}">[{e.index}]</sup>' for e in group
+        )
+        parts.append(
+            f'<span class="nc-phrase" data-index="{group[0].index}" data-color="{color}" title="{html.escape(boxes)}" '
+            f'style="border-bottom:3px solid {color};background:{color}33;border-radius:3px;padding:0 2px">'
+            f"{html.escape(piece)}</span>{indices}"
+        )
+    return "".join(parts)
+
+
+def conversation_html(session: ChatSession) -> str:
+    """The whole conversation as HTML (for the web page)."""
+    if not session.replies:
+        return '<div class="nc-empty">Upload an image, then ask a question (or use an example below).</div>'
+    rows = []
+    for reply in session.replies:
+        boxes = ""
+        if reply.user_boxes:
+            boxes = " ".join(f'<span class="nc-user-box">[{b.index}] {format_box(b.box)}</span>' for b in reply.user_boxes)
+            boxes = f'<div class="nc-user-boxes">{boxes}</div>'
+        legend = ""
+        if reply.entities:
+            items = []
+            for e in reply.entities:
+                where = format_box(e.box) if e.box is not None else "no box"
+                score = f", score {e.score:.2f}" if e.score is not None else ""
+                items.append(
+                    f'<li><span class="nc-swatch" style="background:{e.color}"></span> [{e.index}] '
+                    f"{html.escape(e.text) or '(no phrase)'}: {where}{score}</li>"
+                )
+            legend = f'<ul class="nc-legend">{"".join(items)}</ul>'
+        rows.append(
+            f'<div class="nc-turn"><div class="nc-user"><b>You:</b> {html.escape(reply.question)}{boxes}</div>'
+            f'<div class="nc-assistant"><b>NExT-Chat:</b> <span class="nc-answer">{answer_html(reply)}</span>'
+            f'{legend}<div class="nc-meta">{html.escape(reply.settings)}; {reply.new_tokens} tokens in '
+            f"{reply.seconds:.1f} s</div></div></div>"
+        )
+    return "".join(rows)
+
+
+def _ansi(color: str) -> str:
+    r, g, b = PIL.ImageColor.getrgb(color)[:3]
+    return f"\x1b[1;38;2;{r};{g};{b}m"
+
+
+def answer_terminal(reply: Reply, color: bool = False) -> str:
+    """The answer for a terminal: the text (phrases in their box colour when ``color``) with ``[i]`` after each
+    grounded phrase, then one line per grounded box."""
+    parts = []
+    for piece, group in _spans(reply.text, reply.entities):
+        if group is None:
+            parts.append(piece)
+            continue
+        refs = "[" + ",".join(str(e.index) for e in group) + "]"
+        if color:
+            parts.append(f"{_ansi(group[0].color)}{piece} {refs}\x1b[0m")
+        else:
+            parts.append(f"{piece} {refs}")
+    lines = ["".join(parts)]
+    for e in reply.entities:
+        where = format_box(e.box) if e.box is not None else "no box"
+        score = f"  score {e.score:.2f}" if e.score is not None else ""
+        mask = f"  mask {int(e.mask.sum())} px" if e.mask is not None else ""
+        name = f"{_ansi(e.color)}{e.color}\x1b[0m" if color else e.color
+        lines.append(f"  [{e.index}] {e.text!r}: box {where}{score}{mask}  colour {name}")
+    return "\n".join(lines)
