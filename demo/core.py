@@ -500,23 +500,16 @@ class ChatSession:
         canvas = self.image
         width, height = canvas.size
 
-        def visible(box):
-            # a box that ends on the right/bottom border (x2 == width) would be drawn one pixel outside the image
-            if box is None:
-                return None
-            x1, y1, x2, y2 = (float(v) for v in box)
-            return [min(x1, width - 1), min(y1, height - 1), min(x2, width - 1), min(y2, height - 1)]
-
         if reply.user_boxes:
             canvas = draw_grounding(
-                canvas, [{"box": visible(r.box)} for r in reply.user_boxes],
+                canvas, [{"box": r.box} for r in reply.user_boxes],
                 labels=[str(r.index) for r in reply.user_boxes], colors=[USER_BOX_COLOR],
             )
         drawable = [e for e in reply.entities if e.box is not None or e.mask is not None]
         if drawable:
             canvas = draw_grounding(
                 canvas,
-                [{"box": visible(e.box), "mask": e.mask} for e in drawable],
+                [{"box": e.box, "mask": e.mask} for e in drawable],
                 labels=[str(e.index) for e in drawable],
                 colors=[e.color for e in drawable],
             )

@@ -302,8 +302,10 @@ def draw_grounding(
         if box is None:
             continue
         color = rgb_colors[i % len(rgb_colors)][:3]
-        x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=color, width=line_width)
+        # boxes are pixel edges (x2 is the right edge of the last column inside): round them to the nearest edge
+        # and give PIL, whose rectangle includes its end point, the last column and row inside
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line_width)
         text = label_list[i]
         if text:
             left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)

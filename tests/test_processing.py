@@ -570,7 +570,9 @@ def test_draw_grounding(proc):
     entities = [{"text": "a cat", "box": [5, 5, 35, 25], "mask": mask}, {"text": "x", "box": [0, 0, 3, 3], "mask": None}]
     drawn = np.asarray(draw_grounding(image, entities, labels="text", line_width=1))
     assert drawn.shape == (30, 40, 3)
-    assert tuple(drawn[15, 35]) == (0xF7, 0x65, 0x66)  # right edge of the first box, first colour
+    # boxes are pixel edges: the right line is the last column inside the box (34), column 35 stays white
+    assert tuple(drawn[15, 34]) == (0xF7, 0x65, 0x66)
+    assert tuple(drawn[15, 35]) == (255, 255, 255)
     assert tuple(drawn[15, 15]) == tuple(np.round((np.array([255, 255, 255]) + [0xF7, 0x65, 0x66]) / 2))
     assert tuple(drawn[29, 39]) == (255, 255, 255)
 
