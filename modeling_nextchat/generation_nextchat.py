@@ -88,7 +88,13 @@ class TriggerGrammarLogitsProcessor(LogitsProcessor):
         forced = torch.ones_like(banned)
         forced[:, self.box_token_id] = False
         mask = torch.where(after_trigger[:, None], forced, banned)
-        return scores.masked_fill(mask, -float("inf"))
+        # `<boxes>` keeps its own score after a trigger, even where an earlier processor ruled it out (e.g. one that
+        # forces EOS), so that the pair is never broken.
+        box_score = scores[:, self.box_token_id]
+        box_score = torch.where(torch.isneginf(box_score), torch.zeros_like(box_score), box_score)
+        scores = scores.masked_fill(mask, -float("inf"))
+        scores[:, self.box_token_id] = torch.where(after_trigger, box_score, scores[:, self.box_token_id])
+        return scores
 
 
 @dataclass

@@ -296,6 +296,30 @@ def test_trigger_as_the_very_last_generated_token(model):
     torch.testing.assert_close(out.pred_boxes[0], torch.stack(reference), atol=1e-5, rtol=1e-5)
 
 
+class ForceEosAfterTrigger(LogitsProcessor):
+    """Test helper: a model that wants to stop right after `<at>`."""
+
+    def __call__(self, input_ids, scores):
+        after = input_ids[:, -1] == TRIGGER
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, EOS] = 0.0
+        return torch.where(after[:, None], forced, scores)
+
+
+@torch.no_grad()
+def test_eos_right_after_a_trigger_still_gets_its_box_token(model):
+    inputs = batch([PROMPT_A], [BOXES_A])
+    prompt_length = inputs["input_ids"].shape[1]
+    out = model.generate(
+        **inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0, eos_token_id=EOS,
+        logits_processor=LogitsProcessorList([ForceTriggerAt(prompt_length, (1,)), ForceEosAfterTrigger()]),
+    )
+    generated = out.sequences[0, prompt_length:].tolist()
+    assert generated[1:3] == [TRIGGER, BOXES]
+    _, reference = naive_reference(model, PROMPT_A, inputs["pixel_values"], BOXES_A, generated_tokens(out.sequences, 0, prompt_length))
+    torch.testing.assert_close(out.pred_boxes[0], torch.stack(reference), atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_plain_tensor_without_return_dict_and_streaming(model):
     inputs = batch([PROMPT_A], [BOXES_A])
