@@ -24,6 +24,11 @@ logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    # not `module[0].weight`: PEFT's `modules_to_save` wraps the head in a module that cannot be indexed
+    return next(module.parameters()).dtype
+
+
 def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
 
@@ -181,7 +186,7 @@ class NextChatModel(NextChatPreTrainedModel):
         boxes = _select_boxes(box_inputs, box_inputs_mask, per_row)
         if boxes.shape[0] == 0:
             return inputs_embeds
-        box_embeds = self.loc_encoder(boxes.to(self.loc_encoder[0].weight.dtype)).to(inputs_embeds.dtype)
+        box_embeds = self.loc_encoder(boxes.to(_dtype_of(self.loc_encoder))).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds)
 
     def forward(
@@ -215,7 +220,7 @@ class NextChatModel(NextChatPreTrainedModel):
             box_token_mask[:, 0] &= ~pending
         inputs_embeds = self._merge_box_embeddings(box_token_mask, inputs_embeds, box_inputs, box_inputs_mask)
         if state is not None:
-            pending_embeds = self.loc_encoder(state.boxes.to(self.loc_encoder[0].weight.dtype))
+            pending_embeds = self.loc_encoder(state.boxes.to(_dtype_of(self.loc_encoder)))
             first = torch.where(pending[:, None], pending_embeds.to(inputs_embeds.dtype), inputs_embeds[:, 0])
             inputs_embeds = torch.cat([first[:, None], inputs_embeds[:, 1:]], dim=1)
 
@@ -315,7 +320,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
     def decode_boxes(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states `(..., hidden_size)` -> normalised xyxy boxes `(..., 4)`."""
-        boxes = self.loc_decoder(hidden_states.to(self.loc_decoder[0].weight.dtype))
+        boxes = self.loc_decoder(hidden_states.to(_dtype_of(self.loc_decoder)))
         if self.config.box_decoder_activation == "sigmoid":
             boxes = boxes.sigmoid()
         return boxes
@@ -343,7 +348,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 f"`sam_pixel_values` must have shape (batch, 3, {size}, {size}), got {tuple(sam_pixel_values.shape)}"
             )
         sam_dtype = self.sam.mask_decoder.iou_token.weight.dtype
-        prompts = self.seg_prompt_mlp(trigger_hidden_states.to(self.seg_prompt_mlp[0].weight.dtype))
+        prompts = self.seg_prompt_mlp(trigger_hidden_states.to(_dtype_of(self.seg_prompt_mlp)))
         prompts = prompts.view(prompts.shape[0], self.config.num_seg_prompt_tokens, -1)
         images, inverse = torch.unique(image_index, return_inverse=True)
         embeddings = self.sam.get_image_embeddings(sam_pixel_values[images.to(sam_pixel_values.device)].to(sam_dtype))
@@ -374,6 +379,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | dict | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> NextChatCausalLMOutputWithPast:
         r"""
@@ -394,10 +401,18 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 input frame aligned with `box_inputs`; a slot filled with negative values has no mask.
             image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): original `(height, width)` from the
                 processor; not needed by the model (accepted so that `model(**processor(...))` works).
+            inputs_embeds: not supported (a `ValueError` unless `None`); accepted so that wrappers such as PEFT's
+                `PeftModelForCausalLM`, which always pass it, work. `return_dict` is ignored: the output is always a
+                `NextChatCausalLMOutputWithPast`.
             num_items_in_batch (`int`, `torch.Tensor` or `dict`): normaliser(s) over a gradient-accumulated batch.
                 An int is the number of LM target tokens (what `Trainer` passes); a dict from
                 `count_loss_items` summed over the micro-batches makes every term exact.
         """
+        if inputs_embeds is not None:
+            raise ValueError(
+                "`inputs_embeds` are not supported: NExT-Chat builds its input embeddings from `input_ids` (image and "
+                "box slots are found by token id); pass `input_ids`"
+            )
         if use_cache is None and labels is not None:
             use_cache = False  # training needs no key/value cache
         if box_inputs is not None and box_inputs_mask is None:
@@ -512,7 +527,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             output.box_l1_loss = l1 / (4 * normalisers["boxes"])
             output.box_giou_loss = giou / normalisers["boxes"]
             hidden = trigger_hidden[assistant]
-            reencoded = self.loc_encoder(pred.to(self.loc_encoder[0].weight.dtype))
+            reencoded = self.loc_encoder(pred.to(_dtype_of(self.loc_encoder)))
             cycle = ((reencoded.float() - hidden.float()) ** 2).sum()
             output.cycle_embed_loss = cycle / (hidden.shape[-1] * normalisers["boxes"])
             total = (
@@ -528,7 +543,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
         if box_inputs is not None and local["input_boxes"]:
             boxes = box_inputs[box_inputs_mask.bool()] if box_inputs_mask is not None else box_inputs.flatten(0, 1)
-            boxes = boxes.to(self.loc_encoder[0].weight.dtype)
+            boxes = boxes.to(_dtype_of(self.loc_encoder))
             cycled = self.decode_boxes(self.loc_encoder(boxes))
             output.cycle_box_loss = (cycled.float() - boxes.float()).abs().sum() / (4 * normalisers["input_boxes"])
             total = total + config.cycle_box_loss_weight * output.cycle_box_loss

@@ -368,3 +368,21 @@ def test_peft_wrapped_model_generates_like_the_merged_model(model):
     assert torch.equal(out.sequences, reference.sequences)
     for a, b in zip(out.pred_boxes, reference.pred_boxes):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_causal_lm_wrapper_with_saved_heads_trains_and_generates(model):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                             task_type="CAUSAL_LM", modules_to_save=["loc_encoder", "loc_decoder", "seg_prompt_mlp"])
+    wrapped = peft.get_peft_model(copy.deepcopy(model), config)
+    row = PROMPT_A + [20, TRIGGER, BOXES, 2]
+    labels = torch.tensor([[-100] * len(PROMPT_A) + [20, TRIGGER, -100, 2]])
+    out = wrapped(input_ids=torch.tensor([row]), labels=labels, pixel_values=images(1, seed=5),
+                  box_inputs=torch.tensor([BOXES_A + [[0.2, 0.3, 0.6, 0.7]]]))
+    out.loss.backward()
+    saved_head = [p for n, p in wrapped.named_parameters() if "modules_to_save" in n and "loc_decoder" in n]
+    assert saved_head and all(p.grad is not None for p in saved_head)
+    with torch.no_grad():
+        generated = wrapped.generate(**batch([PROMPT_B], [BOXES_B]), max_new_tokens=2, return_dict_in_generate=True,
+                                     pad_token_id=0)
+    assert len(generated.pred_boxes[0]) == 1
