@@ -34,6 +34,7 @@ setup(
         "nextchat.demo": "demo",
     },
     include_package_data=True,
+    package_data={"nextchat.training": ["configs/*.json", "README.md"]},
     install_requires=[
         "torch>=2.4,<3",
         "torchvision>=0.19",

@@ -1,0 +1,521 @@
+"""Training path: synthetic data, dataset/collator, NextChatTrainer (exact gradient accumulation), stage presets,
+LoRA, gradient checkpointing, the `nextchat-train` entry point and its checkpoints."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nextchat import NextChatForConditionalGeneration
+from nextchat.processing import masks_to_sam_frame, rle_decode
+from nextchat.training.data import NextChatDataCollator, NextChatJsonlDataset, encode_record
+from nextchat.training.presets import (
+    LM_REGEX,
+    apply_lora,
+    apply_stage_preset,
+    init_vision_sincos_positions,
+    sincos_2d,
+    trainable_parameter_names,
+)
+from nextchat.training.synthetic import (
+    COLORS,
+    SHAPES,
+    build_shapes_processor,
+    distractor_fraction,
+    make_sample,
+    mask_to_box,
+    render_scene,
+    shape_mask,
+    write_dataset,
+)
+from nextchat.training.train import run, scratch_config
+from nextchat.training.trainer import NextChatTrainer, count_loss_items
+
+
+IMAGE = 32
+TINY_SPEC = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "patch_size": 8},
+    "sam_config": {"patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 2, "encoder_num_heads": 2,
+                   "encoder_global_attn_indexes": [1], "window_size": 2, "prompt_embed_dim": 16},
+    "box_decoder_activation": "sigmoid",
+}
+SCENE = {"height": IMAGE, "width": IMAGE, "min_size": 6, "max_size": 12, "max_objects": 3}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=IMAGE)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(str(out), range(16), **SCENE)
+    return out
+
+
+def tiny_model(processor, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = NextChatForConditionalGeneration(scratch_config(processor, {**TINY_SPEC, **overrides}))
+    with torch.no_grad():  # zero-initialised biases/tables hide mix-ups: perturb everything
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# synthetic generator
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_per_seed():
+    for seed in (0, 7, 123456):
+        image_a, record_a = make_sample(seed)
+        image_b, record_b = make_sample(seed)
+        assert np.array_equal(np.asarray(image_a), np.asarray(image_b))
+        assert record_a == record_b
+    images = [np.asarray(make_sample(seed)[0]) for seed in range(5)]
+    assert all(not np.array_equal(images[0], other) for other in images[1:])
+
+
+def test_shape_masks_are_exact_geometry():
+    h = w = 40
+    square = shape_mask("square", 10, 5, 7, h, w)
+    assert square.sum() == 100 and mask_to_box(square) == [5, 7, 15, 17]
+    circle = shape_mask("circle", 20, 10, 10, h, w)
+    assert abs(circle.sum() - np.pi * 100) < 20 and mask_to_box(circle) == [10, 10, 30, 30]
+    triangle = shape_mask("triangle", 20, 0, 0, h, w)
+    assert abs(triangle.sum() - 200) <= 20 and triangle[19, 0] and triangle[19, 19] and not triangle[0, 0]
+    diamond = shape_mask("diamond", 20, 0, 0, h, w)
+    assert abs(diamond.sum() - 200) <= 20 and diamond[10, 0] and diamond[0, 10] and not diamond[0, 0]
+    for kind in SHAPES:  # never leaves its bounding square
+        m = shape_mask(kind, 12, 3, 4, h, w)
+        x1, y1, x2, y2 = mask_to_box(m)
+        assert x1 >= 3 and y1 >= 4 and x2 <= 15 and y2 <= 16
+
+
+def test_scene_boxes_masks_and_pixels_are_exact():
+    for seed in range(40):
+        image, objects = render_scene(seed)
+        pixels = np.asarray(image).astype(int)
+        union = np.zeros(pixels.shape[:2], dtype=int)
+        for obj in objects:
+            mask = obj["mask"]
+            assert obj["box"] == mask_to_box(mask)  # the box is exactly the mask's bounding box
+            colour = pixels[mask]
+            assert np.abs(colour - colour[0]).max() == 0  # one flat colour inside the mask
+            assert np.abs(colour[0] - np.array(COLORS[obj["color"]])).max() <= 20
+            union += mask
+        assert union.max() <= 1  # no overlap
+        # (colour, shape) pairs are unique: every phrase names one object
+        assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)
+        # outside the objects only the light background
+        assert pixels[union == 0].min() >= 150 - 19
+
+
+def test_records_masks_rle_and_references(data_dir):
+    lines = [json.loads(line) for line in open(data_dir / "data.jsonl")]
+    assert len(lines) == 16
+    for record in lines:
+        assert os.path.exists(data_dir / record["image"])
+        image, objects = render_scene(record["seed"], **SCENE)
+        for box, rle in zip(record["boxes"], record["masks"]):
+            mask = rle_decode(rle).astype(bool)
+            assert mask_to_box(mask) == box
+            assert any(np.array_equal(mask, o["mask"]) for o in objects)
+        text = " ".join(m["content"] for m in record["conversations"])
+        refs = {int(v) for group in re.findall(r"\[([\d,\s]+)\]", text) for v in group.split(",")}
+        assert refs == set(range(len(record["boxes"])))
+        roles = [m["role"] for m in record["conversations"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        assert record["conversations"][0]["content"].startswith("<image>")
+
+
+def test_referring_queries_have_distractors_at_least_half_the_time():
+    records = [make_sample(seed)[1] for seed in range(300)]
+    assert distractor_fraction(records) >= 0.5
+    tasks = {t for r in records for t in r["task"]}
+    assert tasks == {"rec", "res", "reg", "gc"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dataset + collator
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_collator_equals_batched_processor(processor, data_dir, tmp_path):
+    # a text-only record and one without masks, next to synthetic ones
+    records = [json.loads(line) for line in open(data_dir / "data.jsonl")][:3]
+    for r in records:
+        r["image"] = str(data_dir / r["image"])
+    records[1]["masks"][0] = None
+    records.append({"conversations": [{"role": "user", "content": "Hello!"},
+                                      {"role": "assistant", "content": "Hi, what can I do?"}]})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dataset = NextChatJsonlDataset(str(path), processor)
+    batch = NextChatDataCollator.from_processor(processor)([dataset[i] for i in range(len(dataset))])
+
+    from PIL import Image
+
+    texts = [processor.apply_chat_template(r["conversations"]) for r in records]
+    images = [Image.open(r["image"]).convert("RGB") if "image" in r else None for r in records]
+    reference = processor(
+        images=images, text=texts, boxes=[r.get("boxes") for r in records], masks=[r.get("masks") for r in records],
+        return_labels=True,
+    )
+    assert set(batch) == set(reference) - {"image_sizes"}
+    for key, value in batch.items():
+        assert value.dtype == reference[key].dtype, key
+        assert torch.equal(value, reference[key]), key
+
+    # labels: assistant text, `</s>` and assistant `<at>` only; `<boxes>` and image tokens never
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert not (labels == processor.box_token_id).any()
+    assert not (labels == processor.image_token_id).any()
+    assistant_triggers = (ids == processor.trigger_token_id) & (labels != -100)
+    assert (labels[assistant_triggers] == processor.trigger_token_id).all()
+    # mask targets: the decoded RLE mask (SAM frame == image here) at each assistant slot, -100 where none
+    for b, record in enumerate(records[:3]):
+        slot_refs = [int(v) for m in record["conversations"]
+                     for group in re.findall(r"\[([\d,\s]+)\]", m["content"]) for v in group.split(",")]
+        for slot, box_index in enumerate(slot_refs):
+            rle = record["masks"][box_index]
+            target = batch["mask_targets"][b, slot]
+            if rle is None:
+                assert (target == -100).all()
+            else:
+                expected = masks_to_sam_frame(rle_decode(rle), IMAGE)[0]
+                assert torch.equal(target, torch.from_numpy(expected))
+    assert (batch["mask_targets"][3] == -100).all() and not batch["box_inputs_mask"][3].any()
+    assert batch["pixel_values"].shape[0] == 3 and (batch["sam_pixel_values"][3] == 0).all()
+
+
+def test_collator_left_padding_and_image_sizes(processor, data_dir):
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    samples = [dataset[i] for i in range(4)]
+    batch = NextChatDataCollator.from_processor(processor, padding_side="left", keep_image_sizes=True)(samples)
+    for b, sample in enumerate(samples):
+        n = sample["input_ids"].shape[0]
+        assert torch.equal(batch["input_ids"][b, -n:], sample["input_ids"])
+        assert batch["attention_mask"][b, : batch["input_ids"].shape[1] - n].sum() == 0
+    assert batch["image_sizes"].tolist() == [[IMAGE, IMAGE]] * 4
+
+
+def test_dataset_box_only_mode(processor, data_dir):
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor, return_sam_pixel_values=False)
+    sample = dataset[0]
+    assert "sam_pixel_values" not in sample and "mask_targets" not in sample
+    assert sample["labels"].shape == sample["input_ids"].shape
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Trainer: exact gradient accumulation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _OrderedTrainer(NextChatTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def _one_sgd_step(processor, dataset, batch_size, accumulation, trainer_class, tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny_model(processor)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"out{batch_size}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, save_strategy="no", report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset,
+                            data_collator=NextChatDataCollator.from_processor(processor))
+    trainer.train()
+    return {n: before[n] - p.detach() for n, p in model.named_parameters()}  # = the gradient (lr 1, SGD)
+
+
+def test_gradient_accumulation_is_exact_through_trainer(processor, data_dir, tmp_path):
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    dataset.lines = dataset.lines[:6]
+    full = _one_sgd_step(processor, dataset, 6, 1, _OrderedTrainer, tmp_path)
+    accumulated = _one_sgd_step(processor, dataset, 2, 3, _OrderedTrainer, tmp_path)
+    scale = max(float(g.abs().max()) for g in full.values())
+    worst = max(float((full[n] - accumulated[n]).abs().max()) for n in full)
+    assert scale > 0 and worst <= 1e-5 * max(scale, 1.0), worst
+    # every part of the model got a gradient (LM, projector, box heads, CLIP, SAM)
+    for prefix in ("model.language_model.", "model.mm_projector.", "model.loc_encoder.", "loc_decoder.",
+                   "model.vision_tower.", "seg_prompt_mlp.", "sam.mask_decoder.", "sam.image_encoder."):
+        assert any(float(g.abs().sum()) > 0 for n, g in full.items() if n.startswith(prefix)), prefix
+
+    # the stock integer normaliser is NOT exact for the box / mask terms: the dict is what makes the test pass
+    class _IntTrainer(_OrderedTrainer):
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch_samples)
+
+    stock = _one_sgd_step(processor, dataset, 2, 3, _IntTrainer, tmp_path)
+    assert max(float((full[n] - stock[n]).abs().max()) for n in full) > 100 * max(worst, 1e-7)
+
+
+def test_count_loss_items_sums_micro_batches(processor, data_dir):
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    collate = NextChatDataCollator.from_processor(processor)
+    model = tiny_model(processor)
+    batches = [collate([dataset[i], dataset[i + 1]]) for i in (0, 2)]
+    total = count_loss_items(model, batches)
+    whole = count_loss_items(model, [collate([dataset[i] for i in range(4)])])
+    assert total == whole and total["boxes"] > 0 and total["masks"] > 0 and total["tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# stage presets, LoRA, gradient checkpointing
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_stage3_preset_trains_exactly_seg_prompt_mlp_and_mask_decoder(processor, data_dir):
+    model = tiny_model(processor)
+    options = apply_stage_preset(model, "stage3")
+    expected = sorted(n for n, _ in model.named_parameters()
+                      if n.startswith("seg_prompt_mlp.") or n.startswith("sam.mask_decoder."))
+    assert sorted(trainable_parameter_names(model)) == expected and expected
+    config = model.config
+    for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
+                 "cycle_box_loss_weight"):
+        assert getattr(config, name) == 0.0
+    assert options == {"use_masks": True, "return_sam_pixel_values": True}
+    # the loss is the mask loss alone, and only the trainable parameters receive gradients
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    batch = NextChatDataCollator.from_processor(processor)([dataset[i] for i in range(4)])
+    out = model(**batch)
+    mask_loss = (config.mask_ce_loss_weight * out.mask_ce_loss + config.mask_dice_loss_weight * out.mask_dice_loss
+                 + config.mask_iou_loss_weight * out.mask_iou_loss)
+    torch.testing.assert_close(out.loss, mask_loss)
+    out.loss.backward()
+    with_grad = sorted(n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0)
+    assert set(with_grad) <= set(expected) and any(n.startswith("seg_prompt_mlp.") for n in with_grad)
+
+
+def test_stage1_preset_freezes_clip_and_sam(processor):
+    model = tiny_model(processor)
+    options = apply_stage_preset(model, 1)
+    trainable = set(trainable_parameter_names(model))
+    prefixes = ("model.language_model.", "lm_head.", "model.mm_projector.", "model.loc_encoder.", "loc_decoder.")
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    assert options["return_sam_pixel_values"] is False
+    assert model.config.box_l1_loss_weight == 2.0 and model.config.box_giou_loss_weight == 0.2
+    # presets never cast: dtypes untouched
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    apply_stage_preset(model, "full")
+    assert len(trainable_parameter_names(model)) == len(list(model.parameters()))
+
+
+def test_lora_touches_only_the_language_model_and_round_trips(processor, data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import TrainingArguments
+
+    model = tiny_model(processor)
+    peft_model = apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    lora_modules = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert lora_modules and all(re.fullmatch(LM_REGEX, n.replace("base_model.model.", "")) for n in lora_modules)
+    assert not any("vision_tower" in n for n, _ in peft_model.named_modules() if "lora" in n)
+    trainable = trainable_parameter_names(peft_model)
+    assert trainable and all(("lora_" in n) or ("modules_to_save" in n) for n in trainable)
+    heads = {h for h in ("mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp") if any(h in n for n in trainable)}
+    assert heads == {"mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp"}
+    assert not any("vision_tower" in n or "sam." in n for n in trainable)
+
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "lora"), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
+        save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, use_cpu=True,
+        activation_checkpointing=True,
+    )
+    frozen_before = peft_model.base_model.model.model.vision_tower.embeddings.patch_embedding.weight.detach().clone()
+    NextChatTrainer(model=peft_model, args=args, train_dataset=dataset,
+                    data_collator=NextChatDataCollator.from_processor(processor)).train()
+    assert torch.equal(frozen_before, peft_model.base_model.model.model.vision_tower.embeddings.patch_embedding.weight)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    saved = os.listdir(tmp_path / "adapter")
+    assert "adapter_model.safetensors" in saved
+
+    peft_model.eval()
+    reloaded = PeftModel.from_pretrained(tiny_model(processor), str(tmp_path / "adapter")).eval()
+    record = dataset.record(0)
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image> Where is the red circle?"}],
+                                           add_generation_prompt=True)
+    inputs = processor(images=Image.open(record["image"]), text=prompt)
+    inputs.pop("image_sizes")
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    a = peft_model.generate(**inputs, **kwargs)
+    b = reloaded.generate(**inputs, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.pred_boxes, b.pred_boxes):
+        torch.testing.assert_close(x, y)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(processor, data_dir):
+    dataset = NextChatJsonlDataset(str(data_dir / "data.jsonl"), processor)
+    batch = NextChatDataCollator.from_processor(processor)([dataset[i] for i in range(3)])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(processor).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_sincos_vision_positions():
+    table = sincos_2d(4, 8)
+    assert table.shape == (16, 8)
+    torch.testing.assert_close(table[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    assert len({tuple(row.tolist()) for row in table}) == 16  # every position distinct
+    processor = build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None)
+    spec = {k: v for k, v in TINY_SPEC.items() if k != "sam_config"}
+    model = NextChatForConditionalGeneration(scratch_config(processor, spec))
+    init_vision_sincos_positions(model)
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    assert weight.requires_grad
+    torch.testing.assert_close(weight[1:], sincos_2d(IMAGE // 8, weight.shape[1]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the entry point: 20 steps, loss falls, checkpoint loads with trust_remote_code
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_train_entry_point_loss_falls_and_checkpoint_loads_remotely(tmp_path):
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
+                  "scratch": TINY_SPEC, "sincos_vision_positions": True, "seed": 0},
+        "stage": "full",
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 32, **SCENE}},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 8, "max_steps": 20,
+                          "learning_rate": 5e-3, "warmup_steps": 2, "logging_steps": 1, "save_strategy": "steps",
+                          "save_steps": 20, "disable_tqdm": True, "bf16": "auto", "use_cpu": True},
+        "output_model_dir": "final",
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    from nextchat.training.train import main
+
+    assert main([str(path), "--set", "training_args.seed=1"]) == 0
+    history = json.load(open(tmp_path / "out" / "checkpoint-20" / "trainer_state.json"))["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 20
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
+    assert all(k in history[0] for k in ("lm_loss", "box_l1_loss", "mask_dice_loss"))
+
+    # the Trainer checkpoint loads with trust_remote_code where `nextchat` cannot be imported
+    script = (
+        "import sys; sys.modules['nextchat'] = None\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM, AutoProcessor\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out' / 'checkpoint-20')!r}, trust_remote_code=True)\n"
+        f"p = AutoProcessor.from_pretrained({str(tmp_path / 'final')!r}, trust_remote_code=True)\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "print(type(m).__name__, type(p).__name__, sum(x.numel() for x in m.parameters()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                            cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NextChatForConditionalGeneration NextChatProcessor" in result.stdout
+    final = NextChatForConditionalGeneration.from_pretrained(str(tmp_path / "final"))
+    checkpoint = NextChatForConditionalGeneration.from_pretrained(str(tmp_path / "out" / "checkpoint-20"))
+    for (n, a), (_, b) in zip(final.state_dict().items(), checkpoint.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_scratch_config_takes_ids_from_processor(processor):
+    config = scratch_config(processor, TINY_SPEC)
+    assert config.text_config.vocab_size == len(processor.tokenizer)
+    for name, value in processor.special_token_ids.items():
+        assert getattr(config, name) == value
+    assert config.image_seq_length == processor.image_seq_length == 16
+    with pytest.raises(ValueError, match="image tokens"):
+        scratch_config(processor, {**TINY_SPEC, "vision_config": {**TINY_SPEC["vision_config"], "patch_size": 16}})
+
+
+def test_encode_record_system_prompt_and_truncation(processor, data_dir):
+    record = json.loads(open(data_dir / "data.jsonl").readline())
+    record["image"] = str(data_dir / record["image"])
+    plain = encode_record(record, processor)
+    custom = encode_record(record, processor, system_prompt="Be brief.")
+    assert custom["input_ids"].shape[0] < plain["input_ids"].shape[0]
+    short = encode_record(record, processor, max_length=plain["input_ids"].shape[0] - 3)
+    assert short["input_ids"].shape[0] <= plain["input_ids"].shape[0] - 3
+
+
+def test_sam_preset_trains_seg_prompt_mlp_and_all_of_sam(processor):
+    model = tiny_model(processor)
+    apply_stage_preset(model, "sam")
+    expected = sorted(n for n, _ in model.named_parameters() if n.startswith(("seg_prompt_mlp.", "sam.")))
+    assert sorted(trainable_parameter_names(model)) == expected
+    assert any(n.startswith("sam.image_encoder.") for n in expected)
+    assert model.config.lm_loss_weight == 0.0 and model.config.box_l1_loss_weight == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# evaluation of the synthetic task
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_eval_scorer_on_perfect_and_wrong_answers():
+    from nextchat.training.synthetic_eval import build_queries, score
+
+    queries = build_queries(range(1_000_000, 1_000_006))
+    assert [q["task"] for q in queries[:4]] == ["rec", "res", "reg", "gc"]
+    perfect, wrong = [], []
+    for q in queries:
+        objects = q["objects"]
+        if q["task"] in ("rec", "res"):
+            o = objects[q["object"]]
+            perfect.append({"text": f"The {o['color']} {o['shape']}.",
+                            "entities": [{"text": "The x", "box": o["box"], "mask": o["mask"]}]})
+            wrong.append({"text": "", "entities": []})
+        elif q["task"] == "reg":
+            o = objects[q["object"]]
+            perfect.append({"text": f"A {o['color']} {o['shape']}.", "entities": []})
+            wrong.append({"text": "A pink star.", "entities": []})
+        else:
+            perfect.append({"text": "...", "entities": [{"text": f"a {o['color']} {o['shape']}", "box": o["box"]}
+                                                        for o in objects]})
+            shifted = [{"text": "a thing", "box": [o["box"][0] + 30, o["box"][1], o["box"][2] + 30, o["box"][3]]}
+                       for o in objects]
+            wrong.append({"text": "...", "entities": shifted})
+    good, bad = score(queries, perfect), score(queries, wrong)
+    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5", "gc_named_recall@0.5"):
+        assert good[key] == 1.0, key
+        assert bad[key] < 0.5, key
+
+
+def test_synthetic_eval_runs_the_real_inference_path(processor):
+    from nextchat.training.synthetic_eval import evaluate
+
+    model = tiny_model(processor).eval()
+    # a 32-px model evaluated on 32-px scenes through generate + post_process_generation
+    import nextchat.training.synthetic_eval as se
+
+    original = se.build_queries
+    se.build_queries = lambda seeds: original(seeds, scene_kwargs=SCENE)
+    try:
+        metrics = evaluate(model, processor, num=2, batch_size=4)
+    finally:
+        se.build_queries = original
+    assert metrics["num_queries"] == {"rec": 2, "res": 2, "reg": 2, "gc": 2}
+    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5"):
+        assert 0.0 <= metrics[key] <= 1.0

@@ -1,0 +1,166 @@
+"""Training recipes: which parameters train in each stage of the original NExT-Chat, LoRA, initialisation helpers.
+
+Stages (reference §2.3, §7.4 of the original's training):
+
+* ``stage1`` / ``stage2`` (VL + detection pre-training / instruction tuning): the whole LLM (embeddings, layers,
+  norm, ``lm_head``), ``mm_projector``, ``loc_encoder``, ``loc_decoder`` train; the CLIP tower is frozen. The
+  original stage-1/2 model has no SAM: ``seg_prompt_mlp`` and SAM are frozen too (and the data should not give
+  ``sam_pixel_values``, so SAM does not run). Loss weights: the original's (LM 1, L1 2, GIoU 0.2, cycles 1).
+* ``stage3`` (segmentation): only ``seg_prompt_mlp`` and the SAM mask decoder train; the loss is the mask loss
+  alone (every other weight set to 0 on the config).
+* ``sam``: like ``stage3`` but ALL of SAM trains (image encoder and prompt encoder too): the mask stage of a model
+  whose SAM is not pretrained (the second phase of the from-scratch shapes recipe).
+* ``full``: everything trains (training from scratch, e.g. the synthetic shapes task).
+
+Presets only set ``requires_grad`` and loss weights on ``model.config``; precision is the caller's choice
+(``bf16``/``fp16`` training arguments), never a cast here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+DEFAULT_MODULES_TO_SAVE = ("mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp")
+BOX_LOSS_WEIGHTS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
+                    "cycle_box_loss_weight")
+ORIGINAL_LOSS_WEIGHTS = {
+    "lm_loss_weight": 1.0, "box_l1_loss_weight": 2.0, "box_giou_loss_weight": 0.2, "cycle_embed_loss_weight": 1.0,
+    "cycle_box_loss_weight": 1.0, "mask_ce_loss_weight": 20.0, "mask_dice_loss_weight": 1.0,
+    "mask_iou_loss_weight": 1.0,
+}
+STAGES = ("stage1", "stage2", "stage3", "sam", "full")
+
+
+def apply_stage_preset(model, stage: str) -> dict:
+    """Set `requires_grad` (and loss weights) for `stage` on a `NextChatForConditionalGeneration`.
+
+    Returns a dict of data options the stage implies (``{"use_masks": bool, "return_sam_pixel_values": bool}``).
+    """
+    stage = {"1": "stage1", "2": "stage2", "3": "stage3"}.get(str(stage), str(stage))
+    if stage not in STAGES:
+        raise ValueError(f"`stage` must be one of {STAGES} (or 1, 2, 3), got {stage!r}")
+    config = model.config
+    has_sam = getattr(model, "sam", None) is not None
+    if stage in ("stage1", "stage2"):
+        model.requires_grad_(False)
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        model.model.mm_projector.requires_grad_(True)
+        model.model.loc_encoder.requires_grad_(True)
+        model.loc_decoder.requires_grad_(True)
+        for name in BOX_LOSS_WEIGHTS:
+            setattr(config, name, ORIGINAL_LOSS_WEIGHTS[name])
+        return {"use_masks": False, "return_sam_pixel_values": False}
+    if stage in ("stage3", "sam"):
+        if not has_sam:
+            raise ValueError(f"{stage} trains SAM, but this model has no SAM (`config.sam_config` is None)")
+        model.requires_grad_(False)
+        model.seg_prompt_mlp.requires_grad_(True)
+        if stage == "stage3":
+            model.sam.mask_decoder.requires_grad_(True)
+        else:
+            model.sam.requires_grad_(True)
+        for name in BOX_LOSS_WEIGHTS:
+            setattr(config, name, 0.0)
+        for name in ("mask_ce_loss_weight", "mask_dice_loss_weight", "mask_iou_loss_weight"):
+            if getattr(config, name) == 0:
+                setattr(config, name, ORIGINAL_LOSS_WEIGHTS[name])
+        return {"use_masks": True, "return_sam_pixel_values": True}
+    model.requires_grad_(True)
+    return {"use_masks": has_sam, "return_sam_pixel_values": has_sam}
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def apply_lora(model, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, target_modules: str = LM_REGEX,
+               modules_to_save=DEFAULT_MODULES_TO_SAVE, **kwargs):
+    """Wrap `model` with PEFT LoRA on the language model's attention projections only.
+
+    CLIP has modules of the same names (`q_proj`, ...), so the target is a regex on the full module name
+    (default :data:`LM_REGEX`). The heads in `modules_to_save` (present on the model) train in full and are saved
+    with the adapter. Returns the `PeftModel`.
+
+    No `task_type` by default: `PeftModelForCausalLM.forward` passes `inputs_embeds=None`, `return_dict=None`, ...
+    explicitly, which the NExT-Chat forward forwards into the language model twice (TypeError); the plain
+    `PeftModel` passes the inputs through unchanged, and `generate`, `save_pretrained`, `merge_and_unload` work
+    the same.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    # The model indexes its heads (`self.loc_encoder[0].weight`), which a PEFT `ModulesToSaveWrapper` around the
+    # whole `nn.Sequential` does not support: save the heads' parameterised children instead (same parameters).
+    expanded = []
+    for name in modules_to_save or ():
+        module = getattr_path(model, name)
+        if module is None:
+            continue
+        if isinstance(module, torch.nn.Sequential):
+            expanded += [f"{name}.{i}" for i, child in enumerate(module) if any(True for _ in child.parameters())]
+        else:
+            expanded.append(name)
+    modules_to_save = expanded
+    lora_config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        modules_to_save=modules_to_save or None, **kwargs,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def getattr_path(model, name):
+    for module_name, module in model.named_modules():
+        if module_name == name or module_name.endswith("." + name):
+            return module
+    return None
+
+
+def sincos_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2-D sine-cosine position embeddings `(grid_size**2, dim)` (MAE / ViT style, row-major patches)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D embeddings need a dim divisible by 4, got {dim}")
+    ys, xs = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64),
+                            indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    out_x = xs.flatten()[:, None] * omega[None]
+    out_y = ys.flatten()[:, None] * omega[None]
+    return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1).float()
+
+
+@torch.no_grad()
+def init_vision_sincos_positions(model, scale: float = 1.0) -> None:
+    """Overwrite the CLIP position embedding table with 2-D sin-cos values (class position: zeros). An
+    initialisation for training from scratch; the weights stay trainable."""
+    embeddings = model.model.vision_tower.embeddings
+    table = embeddings.position_embedding.weight
+    num_patches = table.shape[0] - 1
+    grid = int(math.isqrt(num_patches))
+    if grid * grid != num_patches:
+        raise ValueError(f"the CLIP position table has {num_patches} patch positions, not a square grid")
+    table[0].zero_()
+    table[1:].copy_(scale * sincos_2d(grid, table.shape[1]).to(table.dtype))
+
+
+@torch.no_grad()
+def reset_head_init(model, heads=("loc_encoder", "loc_decoder", "seg_prompt_mlp")) -> list[str]:
+    """Re-initialise the Linear layers of the box/mask heads with PyTorch's default (Kaiming-uniform) init instead
+    of the transformer-wide `initializer_range` (0.02). For training from scratch: with std-0.02 weights the
+    4 -> H -> H/2 -> 4 box path starts with vanishing activations and Adam needs hundreds of steps to grow it.
+    Returns the names of the re-initialised modules."""
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == h or name.startswith(h + ".") or f".{h}." in name
+                                                       for h in heads):
+            module.reset_parameters()
+            done.append(name)
+    return done
+
+
+__all__ = [
+    "DEFAULT_MODULES_TO_SAVE", "LM_REGEX", "ORIGINAL_LOSS_WEIGHTS", "STAGES", "apply_lora", "apply_stage_preset",
+    "init_vision_sincos_positions", "reset_head_init", "sincos_2d", "trainable_parameter_names",
+]

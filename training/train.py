@@ -1,0 +1,245 @@
+"""`nextchat-train CONFIG.json`: train NExT-Chat with `NextChatTrainer`, driven by a JSON config file.
+
+Config keys (see `training/configs/*.json` for complete examples):
+
+```
+{
+  "model": {
+    "pretrained": "path/or/hub-id",            # start from a saved NExT-Chat (processor loaded from there too), or
+    "scratch": {NextChatConfig kwargs},          # build a new model; its token ids come from the processor
+    "processor": "path" | {"shapes": {build_shapes_processor kwargs}},   # optional with "pretrained"
+    "sincos_vision_positions": 0.2,              # scratch only: 2-D sin-cos init of the CLIP position table
+                                                 # (true = amplitude 1, a number = that amplitude)
+    "reset_head_init": true,                     # scratch only: PyTorch default init of the box/mask heads
+    "seed": 0                                    # init seed (scratch)
+  },
+  "stage": "full" | "stage1" | "stage2" | "stage3",
+  "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides on the config, applied after the stage
+  "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
+  "data": {
+    "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
+    "eval": "eval.jsonl",                        # optional
+    "synthetic": {"out_dir": "...", "seed_start": 0, "num": 20000, ...},   # optional: write the shapes data first
+    "max_length": null, "use_masks": true, "system_prompt": null
+  },
+  "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
+  "time_budget_s": 780,                          # optional: stop (and save) after this many seconds of training;
+                                                 # the cosine/linear decay then runs over wall-clock time
+  "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
+  "torch_num_threads": 1                         # optional: torch.set_num_threads
+}
+```
+Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def _resolve(path, root):
+    if path is None or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(root, path))
+
+
+def bf16_available() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+def build_processor(spec, pretrained=None, root="."):
+    from nextchat.processing import NextChatProcessor
+
+    if spec is None:
+        if pretrained is None:
+            raise ValueError("config: `model.processor` is required when training from scratch")
+        return NextChatProcessor.from_pretrained(pretrained)
+    if isinstance(spec, str):
+        return NextChatProcessor.from_pretrained(_resolve(spec, root) if os.path.exists(_resolve(spec, root)) else spec)
+    if isinstance(spec, dict) and "shapes" in spec:
+        from .synthetic import build_shapes_processor
+
+        return build_shapes_processor(**spec["shapes"])
+    raise ValueError(f"config: `model.processor` must be a path or {{'shapes': {{...}}}}, got {spec!r}")
+
+
+def scratch_config(processor, spec: dict):
+    """A `NextChatConfig` from `spec` with the token ids, vocabulary size and image sizes of `processor`."""
+    from nextchat import NextChatConfig
+
+    spec = json.loads(json.dumps(spec))
+    tokenizer = processor.tokenizer
+    text = dict(spec.pop("text_config", {}))
+    text.setdefault("vocab_size", len(tokenizer))
+    text.setdefault("bos_token_id", tokenizer.bos_token_id)
+    text.setdefault("eos_token_id", tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    text.setdefault("pad_token_id", pad)
+    vision = dict(spec.pop("vision_config", {}))
+    height, _ = processor.image_processor.crop_height_width
+    vision.setdefault("image_size", height)
+    sam = spec.pop("sam_config", None)
+    if sam is not None and processor.image_processor.sam_image_size is not None:
+        sam = dict(sam)
+        sam.setdefault("image_size", processor.image_processor.sam_image_size)
+    config = NextChatConfig(text_config=text, vision_config=vision, sam_config=sam, **processor.special_token_ids,
+                            **spec)
+    if config.image_seq_length != processor.image_seq_length:
+        raise ValueError(
+            f"the vision config gives {config.image_seq_length} image tokens but the processor writes "
+            f"{processor.image_seq_length}"
+        )
+    return config
+
+
+def build_model(model_spec: dict, processor, root="."):
+    from nextchat import NextChatForConditionalGeneration
+
+    from .presets import init_vision_sincos_positions, reset_head_init
+
+    if "pretrained" in model_spec:
+        path = model_spec["pretrained"]
+        path = _resolve(path, root) if os.path.exists(_resolve(path, root)) else path
+        return NextChatForConditionalGeneration.from_pretrained(path)
+    config = scratch_config(processor, model_spec["scratch"])
+    torch.manual_seed(int(model_spec.get("seed", 0)))
+    model = NextChatForConditionalGeneration(config)
+    if model_spec.get("sincos_vision_positions", False):
+        scale = model_spec["sincos_vision_positions"]
+        init_vision_sincos_positions(model, scale=1.0 if scale is True else float(scale))
+    if model_spec.get("reset_head_init", False):
+        reset_head_init(model)
+    return model
+
+
+def build_training_args(spec: dict, root: str):
+    from transformers import TrainingArguments
+
+    spec = dict(spec)
+    if spec.get("bf16") == "auto":
+        spec["bf16"] = bf16_available()
+    if "output_dir" in spec:
+        spec["output_dir"] = _resolve(spec["output_dir"], root)
+    for key in ("deepspeed", "fsdp_config"):  # config files named relative to the training config
+        if isinstance(spec.get(key), str) and os.path.exists(_resolve(spec[key], root)):
+            spec[key] = _resolve(spec[key], root)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Multi-process on CPU: without `use_cpu` accelerate does not set up data parallelism (each process would
+        # train alone on its shard); gloo is the CPU backend.
+        spec.setdefault("use_cpu", True)
+        spec.setdefault("ddp_backend", "gloo")
+    elif int(os.environ.get("WORLD_SIZE", "1")) == 1 and spec.get("ddp_backend") == "gloo":
+        spec.pop("ddp_backend")  # a single process must not ask accelerate for a process group
+    spec.setdefault("remove_unused_columns", False)  # the collator already returns only model inputs
+    spec.setdefault("report_to", "none")
+    return TrainingArguments(**spec)
+
+
+def run(config: dict, root: str = "."):
+    """Train as `config` says. Returns `(trainer, model, processor)`."""
+    from .data import NextChatDataCollator, NextChatJsonlDataset
+    from .presets import apply_lora, apply_stage_preset
+    from .trainer import NextChatTrainer
+
+    if config.get("torch_num_threads"):
+        # On a small shared CPU, one intra-op thread is far faster than oversubscribed ones (measured 10x here).
+        torch.set_num_threads(int(config["torch_num_threads"]))
+    model_spec = config["model"]
+    pretrained = model_spec.get("pretrained")
+    processor = build_processor(model_spec.get("processor"), _resolve(pretrained, root) if pretrained and
+                                os.path.exists(_resolve(pretrained, root)) else pretrained, root)
+    data_spec = dict(config.get("data", {}))
+    synthetic = data_spec.get("synthetic")
+    if synthetic:
+        from .synthetic import write_dataset
+
+        synthetic = dict(synthetic)
+        out_dir = _resolve(synthetic.pop("out_dir"), root)
+        start, num = int(synthetic.pop("seed_start", 0)), int(synthetic.pop("num"))
+        jsonl = os.path.join(out_dir, synthetic.get("jsonl_name", "data.jsonl"))
+        if not os.path.exists(jsonl) or sum(1 for _ in open(jsonl)) != num:
+            print(f"[nextchat-train] writing {num} synthetic samples (seeds {start}..{start + num - 1}) to {out_dir}")
+            write_dataset(out_dir, range(start, start + num), **synthetic)
+        data_spec.setdefault("train", jsonl)
+
+    model = build_model(model_spec, processor, root)
+    stage_options = apply_stage_preset(model, config.get("stage", "full"))
+    for name, value in (config.get("loss_weights") or {}).items():
+        if not hasattr(model.config, name):
+            raise ValueError(f"config: unknown loss weight {name!r}")
+        setattr(model.config, name, value)
+    if config.get("lora"):
+        model = apply_lora(model, **config["lora"])
+
+    use_masks = data_spec.get("use_masks", stage_options["use_masks"])
+    sam_inputs = data_spec.get("return_sam_pixel_values", stage_options["return_sam_pixel_values"])
+    common = dict(use_masks=use_masks, return_sam_pixel_values=sam_inputs, max_length=data_spec.get("max_length"),
+                  system_prompt=data_spec.get("system_prompt"))
+    train_paths = data_spec["train"]
+    train_paths = [train_paths] if isinstance(train_paths, str) else train_paths
+    train_dataset = NextChatJsonlDataset([_resolve(p, root) for p in train_paths], processor, **common)
+    eval_dataset = None
+    if data_spec.get("eval"):
+        eval_dataset = NextChatJsonlDataset(_resolve(data_spec["eval"], root), processor, **common)
+
+    args = build_training_args(config.get("training_args", {}), root)
+    trainer = NextChatTrainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=NextChatDataCollator.from_processor(processor), time_budget_s=config.get("time_budget_s"),
+    )
+    trainer.train(resume_from_checkpoint=config.get("resume_from_checkpoint"))
+    if args.should_save:
+        processor.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        try:
+            from .plot import plot
+
+            plot(trainer.state.log_history, os.path.join(args.output_dir, "learning_curves.png"))
+        except Exception as error:  # a plot must never fail a training run
+            print(f"[nextchat-train] could not draw the learning curves: {error}")
+    final_dir = config.get("output_model_dir")
+    if final_dir and trainer.is_world_process_zero():
+        final_dir = _resolve(final_dir, root)
+        to_save = trainer.model
+        if hasattr(to_save, "merge_and_unload"):
+            to_save = to_save.merge_and_unload()
+        to_save.save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)
+        print(f"[nextchat-train] model and processor saved to {final_dir}")
+    return trainer, model, processor
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="nextchat-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="JSON config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry, e.g. --set training_args.max_steps=10 (VALUE is JSON)")
+    args = parser.parse_args(argv)
+    with open(args.config, encoding="utf-8") as f:
+        config = json.load(f)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    run(config, root=os.path.dirname(os.path.abspath(args.config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
