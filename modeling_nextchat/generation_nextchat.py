@@ -83,17 +83,15 @@ class TriggerGrammarLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         after_trigger = input_ids[:, -1] == self.trigger_token_id
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[:, self.banned] = True
-        forced = torch.ones_like(banned)
-        forced[:, self.box_token_id] = False
-        mask = torch.where(after_trigger[:, None], forced, banned)
-        # `<boxes>` keeps its own score after a trigger, even where an earlier processor ruled it out (e.g. one that
-        # forces EOS), so that the pair is never broken.
         box_score = scores[:, self.box_token_id]
-        box_score = torch.where(torch.isneginf(box_score), torch.zeros_like(box_score), box_score)
-        scores = scores.masked_fill(mask, -float("inf"))
-        scores[:, self.box_token_id] = torch.where(after_trigger, box_score, scores[:, self.box_token_id])
+        banned = torch.tensor(self.banned, device=scores.device)
+        scores = scores.index_fill(1, banned, -float("inf"))
+        if bool(after_trigger.any()):
+            # `<boxes>` keeps its own score after a trigger, even where an earlier processor ruled it out (e.g. one
+            # that forces EOS), so that the pair is never broken.
+            forced = box_score[after_trigger]
+            scores[after_trigger] = -float("inf")
+            scores[after_trigger, self.box_token_id] = torch.where(torch.isneginf(forced), 0.0, forced)
         return scores
 
 

@@ -153,9 +153,9 @@ class NextChatModel(NextChatPreTrainedModel):
     def _merge_image_features(self, input_ids, inputs_embeds, pixel_values):
         image_mask = input_ids == self.config.image_token_id
         per_image = self.config.image_seq_length
-        num_tokens = int(image_mask.sum())
         if pixel_values is None:
-            if num_tokens:
+            if bool(image_mask.any()):
+                num_tokens = int(image_mask.sum())
                 raise ValueError(
                     f"`input_ids` hold {num_tokens} image placeholders (`<im_patch>`, id {self.config.image_token_id}) "
                     "but no `pixel_values` were given"
@@ -163,6 +163,7 @@ class NextChatModel(NextChatPreTrainedModel):
             return inputs_embeds
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
+        num_tokens = int(image_mask.sum())
         num_images = pixel_values.shape[0]
         per_row = image_mask.sum(dim=1)
         if num_tokens != num_images * per_image or bool((per_row % per_image).any()):
@@ -212,6 +213,8 @@ class NextChatModel(NextChatPreTrainedModel):
 
         box_token_mask = input_ids == self.config.box_token_id
         state = TriggerState.from_cache(cache)
+        if state is not None and not bool(state.pending.any()):
+            state = None  # no row ended on a trigger: nothing to feed (the common decoding step)
         if state is not None:
             # A trigger ended the previous call: the position after it is fed the predicted box, whatever token
             # it holds, so a `<boxes>` token there needs no entry in `box_inputs`.
@@ -438,11 +441,16 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
         trigger_positions = torch.nonzero(input_ids == self.config.trigger_token_id)
         trigger_hidden = hidden_states[trigger_positions[:, 0], trigger_positions[:, 1]]
-        pred_boxes = self.decode_boxes(trigger_hidden)
+        pred_boxes = self.decode_boxes(trigger_hidden) if len(trigger_hidden) else trigger_hidden.new_zeros((0, 4))
 
         if new_cache is not None:
             last_is_trigger = input_ids[:, -1] == self.config.trigger_token_id
-            self._record_triggers(new_cache, last_is_trigger, self.decode_boxes(hidden_states[:, -1]), hidden_states[:, -1])
+            last_hidden = hidden_states[:, -1]
+            if bool(last_is_trigger.any()):
+                last_boxes = self.decode_boxes(last_hidden)
+            else:
+                last_boxes = last_hidden.new_zeros((last_hidden.shape[0], 4))
+            self._record_triggers(new_cache, last_is_trigger, last_boxes, last_hidden)
 
         pred_masks = iou_scores = None
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
