@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor

@@ -33,7 +33,7 @@ from nextchat.training.synthetic import (
     shape_mask,
     write_dataset,
 )
-from nextchat.training.train import run, scratch_config
+from nextchat.training.train import scratch_config
 from nextchat.training.trainer import NextChatTrainer, count_loss_items
 
 

@@ -209,7 +209,7 @@ def gc_answer(objects: list[dict], ref) -> str:
     order = sorted(range(len(objects)), key=lambda k: (objects[k]["box"][0] + objects[k]["box"][2], objects[k]["box"][1]))
     parts = [f"a {phrase(objects[k])} {ref(k)}" for k in order]
     n = len(objects)
-    head = f"There is one object: " if n == 1 else f"There are {NUMBER_WORDS.get(n, str(n))} objects: "
+    head = "There is one object: " if n == 1 else f"There are {NUMBER_WORDS.get(n, str(n))} objects: "
     return head + _join(parts) + "."
 
 
