@@ -236,7 +236,7 @@ class NextChatGenerationMixin:
             boxes, hidden = self.locate(
                 sequences,
                 attention_mask=_extend_mask(attention_mask, sequences, prompt_length, rows),
-                pixel_values=_expand_images(pixel_values, input_ids, config, expand),
+                pixel_values=_expand_images(pixel_values, expand),
                 box_inputs=box_inputs[rows] if box_inputs is not None else None,
                 box_inputs_mask=box_inputs_mask[rows] if box_inputs_mask is not None else None,
                 prompt_length=prompt_length,
@@ -356,7 +356,8 @@ def _extend_mask(attention_mask, sequences, prompt_length, rows):
     return torch.cat([attention_mask[rows].to(generated.dtype), generated], dim=1)
 
 
-def _expand_images(pixel_values, input_ids, config, expand):
+def _expand_images(pixel_values, expand):
+    """Images in the order transformers expands rows (one image per row, see `_check_one_image_per_row`)."""
     if pixel_values is None or expand == 1:
         return pixel_values
     return pixel_values.repeat_interleave(expand, dim=0)

@@ -12,14 +12,12 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 from .configuration.configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
 from .loss_nextchat import box_losses, mask_losses
 
-
-logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 

@@ -462,9 +462,8 @@ class NextChatImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values", "sam_pixel_values", "image_sizes"]
     valid_kwargs = NextChatImagesKwargs
 
-    _FIELDS = (
-        "do_pad_to_square",
-        "pad_color",
+    # the fields a CLIPImageProcessor config shares with this one
+    _CLIP_FIELDS = (
         "do_resize",
         "size",
         "resample",
@@ -475,6 +474,11 @@ class NextChatImageProcessor(BaseImageProcessor):
         "do_normalize",
         "image_mean",
         "image_std",
+    )
+    _FIELDS = (
+        "do_pad_to_square",
+        "pad_color",
+        *_CLIP_FIELDS,
         "sam_image_size",
         "sam_pixel_mean",
         "sam_pixel_std",
@@ -548,22 +552,7 @@ class NextChatImageProcessor(BaseImageProcessor):
     def from_clip_image_processor_dict(cls, clip_dict: dict, **kwargs) -> "NextChatImageProcessor":
         """Build from a ``CLIPImageProcessor`` ``preprocessor_config.json`` dict (the vision tower's), keeping
         its sizes, resampling, mean and std; ``kwargs`` (e.g. ``sam_image_size``) override."""
-        fields = {
-            key: clip_dict[key]
-            for key in (
-                "do_resize",
-                "size",
-                "resample",
-                "do_center_crop",
-                "crop_size",
-                "do_rescale",
-                "rescale_factor",
-                "do_normalize",
-                "image_mean",
-                "image_std",
-            )
-            if key in clip_dict and clip_dict[key] is not None
-        }
+        fields = {key: clip_dict[key] for key in cls._CLIP_FIELDS if clip_dict.get(key) is not None}
         fields.update(kwargs)
         return cls(**fields)
 
