@@ -40,7 +40,13 @@ VICUNA_V1_1_SYSTEM = (
 # FastChat's `vicuna_v1.1` (SeparatorStyle.ADD_COLON_TWO, sep=" ", sep2="</s>"), as NExT-Chat renders it:
 #   "<system> USER: <q1> ASSISTANT: <a1></s>USER: <q2> ASSISTANT:"
 # An empty message renders as "ROLE:" with no separator. Image parts render as the `<image>` placeholder.
-VICUNA_V1_1_CHAT_TEMPLATE = (
+def vicuna_chat_template(default_system: str = VICUNA_V1_1_SYSTEM) -> str:
+    """The vicuna v1.1 chat template with `default_system` as the system prompt used when a conversation has no
+    system message (a model trained with another default, like the tiny shapes model's empty one, ships its own)."""
+    return _VICUNA_TEMPLATE_HEAD + default_system.replace("'", "\\'") + _VICUNA_TEMPLATE_TAIL
+
+
+_VICUNA_TEMPLATE_HEAD = (
     "{%- macro render(content) -%}"
     "{%- if content is none -%}"
     "{%- elif content is string -%}{{ content }}"
@@ -58,7 +64,10 @@ VICUNA_V1_1_CHAT_TEMPLATE = (
     "{%- set system_text = render(messages[0]['content']) -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set system_text = '" + VICUNA_V1_1_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set system_text = '"
+)
+_VICUNA_TEMPLATE_TAIL = (
+    "' -%}"
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{{- system_text ~ ' ' -}}"
@@ -80,6 +89,7 @@ VICUNA_V1_1_CHAT_TEMPLATE = (
     "{{- 'ASSISTANT:' -}}"
     "{%- endif -%}"
 )
+VICUNA_V1_1_CHAT_TEMPLATE = vicuna_chat_template()
 
 # Colours of the original demo's drawings.
 DRAW_COLORS = ("#F76566", "#18ACBA", "#9400D3", "#454926", "#4E72B8")
@@ -259,11 +269,24 @@ def draw_grounding(
     line_width: int | None = None,
     mask_alpha: float = 0.5,
     font_size: int | None = None,
+    scale: int = 1,
 ) -> PIL.Image.Image:
     """Draw the entities of :meth:`NextChatProcessor.post_process_generation` on ``image`` (a new RGB PIL image):
     masks blended with ``mask_alpha``, box rectangles and labels (``"index"`` -> ``0``, ``1``, ...; ``"text"`` ->
-    the grounded phrase; or an explicit list of strings), in the original demo's colours."""
+    the grounded phrase; or an explicit list of strings), in the original demo's colours. ``scale`` (an integer)
+    draws on the image enlarged that many times with nearest-neighbour pixels, for images too small to read."""
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"`scale` must be a positive integer, got {scale!r}")
     canvas = to_rgb_image(image, argument_name="image").copy()
+    if scale > 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), PIL.Image.NEAREST)
+        entities = [
+            {**e,
+             "box": None if e.get("box") is None else [float(v) * scale for v in e["box"]],
+             "mask": None if e.get("mask") is None else np.kron(np.asarray(e["mask"], dtype=bool),
+                                                                 np.ones((scale, scale), dtype=bool))}
+            for e in entities
+        ]
     width, height = canvas.size
     if isinstance(labels, str):
         if labels not in ("index", "text"):
