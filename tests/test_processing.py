@@ -575,6 +575,14 @@ def test_draw_grounding(proc):
     assert tuple(drawn[15, 35]) == (255, 255, 255)
     assert tuple(drawn[15, 15]) == tuple(np.round((np.array([255, 255, 255]) + [0xF7, 0x65, 0x66]) / 2))
     assert tuple(drawn[29, 39]) == (255, 255, 255)
+    # scale 3: the picture is 3x larger, the box edges and the mask follow (box x2 = 35 -> last column 3 * 35 - 1)
+    big = np.asarray(draw_grounding(image, entities, labels="text", line_width=1, scale=3))
+    assert big.shape == (90, 120, 3)
+    assert tuple(big[45, 104]) == (0xF7, 0x65, 0x66) and tuple(big[45, 105]) == (255, 255, 255)
+    blended = tuple(np.round((np.array([255, 255, 255]) + [0xF7, 0x65, 0x66]) / 2))
+    assert tuple(big[50, 50]) == blended and tuple(big[59, 59]) == blended and tuple(big[60, 60]) != blended
+    with pytest.raises(ValueError, match="scale"):
+        draw_grounding(image, entities, scale=0)
 
 
 # ---------------------------------------------------------------------------------------------- fuzz

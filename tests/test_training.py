@@ -2,6 +2,7 @@
 LoRA, gradient checkpointing, the `nextchat-train` entry point and its checkpoints."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -84,6 +85,26 @@ def test_generator_is_deterministic_per_seed():
         assert record_a == record_b
     images = [np.asarray(make_sample(seed)[0]) for seed in range(5)]
     assert all(not np.array_equal(images[0], other) for other in images[1:])
+
+
+def test_lone_object_scenes_and_generator_cli(tmp_path):
+    from nextchat.training.synthetic import main as synthetic_main
+
+    # the option draws from the scene's own generator: same seed, same scene; off by default (streams unchanged)
+    counts = [len(render_scene(seed, single_object_fraction=0.5)[1]) for seed in range(200)]
+    assert counts == [len(render_scene(seed, single_object_fraction=0.5)[1]) for seed in range(200)]
+    assert 0.35 < np.mean([c == 1 for c in counts]) < 0.65
+    assert all(len(render_scene(seed)[1]) >= 2 for seed in range(50))
+    assert all(len(render_scene(seed, single_object_fraction=1.0)[1]) == 1 for seed in range(20))
+    # the CLI: lone objects, one turn, referring tasks only
+    synthetic_main([str(tmp_path / "warm"), "--num", "12", "--seed-start", "5", "--tasks", "rec,res",
+                    "--min-objects", "1", "--max-objects", "1", "--max-turns", "1"])
+    records = [json.loads(line) for line in open(tmp_path / "warm" / "data.jsonl")]
+    assert [r["seed"] for r in records] == list(range(5, 17))
+    assert all(len(r["objects"]) == 1 and len(r["conversations"]) == 2 and set(r["task"]) <= {"rec", "res"}
+               for r in records)
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "bad"), "--tasks", "rec,caption"])
 
 
 def test_shape_masks_are_exact_geometry():
@@ -391,6 +412,14 @@ def test_sincos_vision_positions():
     weight = model.model.vision_tower.embeddings.position_embedding.weight
     assert weight.requires_grad
     torch.testing.assert_close(weight[1:], sincos_2d(IMAGE // 8, weight.shape[1]))
+    # a low temperature on a small grid: frequencies 1 and 1/4 for dim 8, row-major (y, x) = (1, 2) -> index 6
+    low = sincos_2d(4, 8, temperature=16.0)
+    expected = [math.sin(2), math.sin(0.5), math.cos(2), math.cos(0.5), math.sin(1), math.sin(0.25), math.cos(1),
+                math.cos(0.25)]
+    torch.testing.assert_close(low[6], torch.tensor(expected))
+    init_vision_sincos_positions(model, scale=0.5, temperature=16.0)
+    torch.testing.assert_close(weight[1:], 0.5 * sincos_2d(IMAGE // 8, weight.shape[1], temperature=16.0))
+    torch.testing.assert_close(weight[0], torch.zeros_like(weight[0]))  # the class position
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -440,6 +469,35 @@ def test_train_entry_point_loss_falls_and_checkpoint_loads_remotely(tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path):
+    """A curriculum: `data.synthetic` as a list of sections -> their JSONL files in that order; with
+    `train_sampling_strategy="sequential"` the first batches are the first section's samples."""
+    from nextchat.training.train import run
+
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": {k: v for k, v in TINY_SPEC.items() if k != "sam_config"}, "seed": 0},
+        "data": {"synthetic": [
+            {**SCENE, "out_dir": "warm", "seed_start": 100, "num": 8, "min_objects": 1, "max_objects": 1,
+             "tasks": ["rec"], "max_turns": 1},
+            {"out_dir": "main", "seed_start": 0, "num": 8, **SCENE}]},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 4, "max_steps": 2,
+                          "train_sampling_strategy": "sequential", "save_strategy": "no", "report_to": "none",
+                          "disable_tqdm": True, "use_cpu": True, "logging_steps": 1},
+    }
+    trainer, _, _ = run(config, root=str(tmp_path))
+    dataset = trainer.train_dataset
+    assert [dataset.record(i)["seed"] for i in range(len(dataset))] == list(range(100, 108)) + list(range(8))
+    assert all(len(dataset.record(i)["objects"]) == 1 for i in range(8))
+    first_batch = next(iter(trainer.get_train_dataloader()))
+    expected = NextChatDataCollator.from_processor(dataset.processor)([dataset[i] for i in range(4)])
+    assert torch.equal(first_batch["input_ids"], expected["input_ids"])
+    # a second run finds the sections written and does not rewrite them
+    stamp = os.path.getmtime(tmp_path / "warm" / "data.jsonl")
+    run(config, root=str(tmp_path))
+    assert os.path.getmtime(tmp_path / "warm" / "data.jsonl") == stamp
+
+
 def test_scratch_config_takes_ids_from_processor(processor):
     config = scratch_config(processor, TINY_SPEC)
     assert config.text_config.vocab_size == len(processor.tokenizer)
@@ -455,7 +513,11 @@ def test_encode_record_system_prompt_and_truncation(processor, data_dir):
     record["image"] = str(data_dir / record["image"])
     plain = encode_record(record, processor)
     custom = encode_record(record, processor, system_prompt="Be brief.")
-    assert custom["input_ids"].shape[0] < plain["input_ids"].shape[0]
+    tokenizer = processor.tokenizer
+    # the shapes processor's template has an empty default system prompt; an explicit one is put first
+    assert tokenizer.decode(plain["input_ids"][:4], skip_special_tokens=True).strip().startswith("USER:")
+    assert tokenizer.decode(custom["input_ids"][:12], skip_special_tokens=True).strip().startswith("Be brief. USER:")
+    assert custom["input_ids"].shape[0] > plain["input_ids"].shape[0]
     short = encode_record(record, processor, max_length=plain["input_ids"].shape[0] - 3)
     assert short["input_ids"].shape[0] <= plain["input_ids"].shape[0] - 3
 

@@ -132,9 +132,10 @@ def sincos_2d(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.T
 
 
 @torch.no_grad()
-def init_vision_sincos_positions(model, scale: float = 1.0) -> None:
-    """Overwrite the CLIP position embedding table with 2-D sin-cos values (class position: zeros). An
-    initialisation for training from scratch; the weights stay trainable."""
+def init_vision_sincos_positions(model, scale: float = 1.0, temperature: float = 10000.0) -> None:
+    """Overwrite the CLIP position embedding table with `scale` x 2-D sin-cos values (class position: zeros). An
+    initialisation for training from scratch; the weights stay trainable. On a small patch grid a low
+    `temperature` (e.g. 20) spreads the frequencies over the grid instead of leaving most of them nearly constant."""
     embeddings = model.model.vision_tower.embeddings
     table = embeddings.position_embedding.weight
     num_patches = table.shape[0] - 1
@@ -142,7 +143,7 @@ def init_vision_sincos_positions(model, scale: float = 1.0) -> None:
     if grid * grid != num_patches:
         raise ValueError(f"the CLIP position table has {num_patches} patch positions, not a square grid")
     table[0].zero_()
-    table[1:].copy_(scale * sincos_2d(grid, table.shape[1]).to(table.dtype))
+    table[1:].copy_(scale * sincos_2d(grid, table.shape[1], temperature).to(table.dtype))
 
 
 @torch.no_grad()

@@ -146,11 +146,15 @@ def _background(rng, height, width) -> np.ndarray:
 
 
 def render_scene(seed: int, height: int = 64, width: int = 64, min_objects: int = 2, max_objects: int = 3,
-                 min_size: int = 12, max_size: int = 24, hard_fraction: float = 0.85):
+                 min_size: int = 12, max_size: int = 24, hard_fraction: float = 0.85,
+                 single_object_fraction: float = 0.0):
     """Draw one scene. Returns (PIL image, objects) where each object is a dict with `color`, `shape`, `size`,
-    `box` (pixel xyxy) and `mask` (bool (h, w))."""
+    `box` (pixel xyxy) and `mask` (bool (h, w)). With `single_object_fraction` > 0, that fraction of the scenes
+    holds one object only (a curriculum aid: locating a lone object teaches where before which)."""
     rng = np.random.default_rng(seed)
     n_objects = int(rng.integers(min_objects, max_objects + 1))
+    if single_object_fraction > 0 and rng.random() < single_object_fraction:
+        n_objects = 1
     colors, shapes = list(COLORS), list(SHAPES)
     # attributes: the first object has a distractor that shares its colour or its shape with probability
     # `hard_fraction`; all (colour, shape) pairs distinct
@@ -371,17 +375,21 @@ def build_shapes_tokenizer(vocab_size: int = 640):
 
 
 def build_shapes_processor(image_size: int = 64, patch_size: int = 8, sam_image_size: int | None = 64,
-                           vocab_size: int = 640):
+                           vocab_size: int = 640, system_prompt: str = ""):
     """The processor of the shapes task: :func:`build_shapes_tokenizer` + a CLIP/SAM image processor at
-    `image_size` / `sam_image_size`, `image_seq_length = (image_size // patch_size) ** 2`."""
+    `image_size` / `sam_image_size`, `image_seq_length = (image_size // patch_size) ** 2`, and the vicuna chat
+    template with `system_prompt` as its default system prompt (empty: the vicuna prompt would be a quarter of
+    every training sequence, for nothing a model trained from scratch needs)."""
     from nextchat.processing import NextChatImageProcessor, NextChatProcessor
+    from nextchat.processing.processing_nextchat import vicuna_chat_template
 
     image_processor = NextChatImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         sam_image_size=sam_image_size,
     )
     return NextChatProcessor(
-        image_processor, build_shapes_tokenizer(vocab_size), image_seq_length=(image_size // patch_size) ** 2
+        image_processor, build_shapes_tokenizer(vocab_size), image_seq_length=(image_size // patch_size) ** 2,
+        chat_template=vicuna_chat_template(system_prompt),
     )
 
 
@@ -391,12 +399,24 @@ def main(argv=None):
     parser.add_argument("--seed-start", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--jsonl-name", default="data.jsonl")
+    parser.add_argument("--min-turns", type=int, default=1)
     parser.add_argument("--max-turns", type=int, default=3)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    parser.add_argument("--min-objects", type=int, default=2)
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--hard-fraction", type=float, default=0.85,
+                        help="probability that the first object of a scene gets a same-colour or same-shape distractor")
+    parser.add_argument("--single-object-fraction", type=float, default=0.0,
+                        help="fraction of scenes with one object only")
     args = parser.parse_args(argv)
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        parser.error(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {TASKS}")
     path = write_dataset(
         args.out_dir, range(args.seed_start, args.seed_start + args.num), jsonl_name=args.jsonl_name,
-        max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
+        min_turns=args.min_turns, max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
+        min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
+        single_object_fraction=args.single_object_fraction,
     )
     print(path)
 

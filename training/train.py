@@ -8,8 +8,8 @@ Config keys (see `training/configs/*.json` for complete examples):
     "pretrained": "path/or/hub-id",            # start from a saved NExT-Chat (processor loaded from there too), or
     "scratch": {NextChatConfig kwargs},          # build a new model; its token ids come from the processor
     "processor": "path" | {"shapes": {build_shapes_processor kwargs}},   # optional with "pretrained"
-    "sincos_vision_positions": 0.2,              # scratch only: 2-D sin-cos init of the CLIP position table
-                                                 # (true = amplitude 1, a number = that amplitude)
+    "sincos_vision_positions": {"scale": 1.0, "temperature": 20},   # scratch only: 2-D sin-cos init of the
+                                                 # CLIP position table (true = amplitude 1, a number = that amplitude)
     "reset_head_init": true,                     # scratch only: PyTorch default init of the box/mask heads
     "seed": 0                                    # init seed (scratch)
   },
@@ -20,6 +20,8 @@ Config keys (see `training/configs/*.json` for complete examples):
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
     "eval": "eval.jsonl",                        # optional
     "synthetic": {"out_dir": "...", "seed_start": 0, "num": 20000, ...},   # optional: write the shapes data first
+                                                 # (a list of such sections = their files in that order; with
+                                                 # training_args.train_sampling_strategy "sequential", a curriculum)
     "max_length": null, "use_masks": true, "system_prompt": null
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
@@ -111,12 +113,32 @@ def build_model(model_spec: dict, processor, root="."):
     config = scratch_config(processor, model_spec["scratch"])
     torch.manual_seed(int(model_spec.get("seed", 0)))
     model = NextChatForConditionalGeneration(config)
-    if model_spec.get("sincos_vision_positions", False):
-        scale = model_spec["sincos_vision_positions"]
-        init_vision_sincos_positions(model, scale=1.0 if scale is True else float(scale))
+    sincos = model_spec.get("sincos_vision_positions", False)
+    if sincos is not False and sincos is not None:
+        if isinstance(sincos, dict):
+            init_vision_sincos_positions(model, **sincos)
+        else:
+            init_vision_sincos_positions(model, scale=1.0 if sincos is True else float(sincos))
     if model_spec.get("reset_head_init", False):
         reset_head_init(model)
     return model
+
+
+def write_synthetic_section(spec: dict, root: str = ".") -> str:
+    """Write one section of shapes data (``{"out_dir", "seed_start", "num", "jsonl_name", **make_sample kwargs}``)
+    unless its JSONL already holds `num` samples; returns the JSONL path."""
+    from .synthetic import write_dataset
+
+    spec = dict(spec)
+    out_dir = _resolve(spec.pop("out_dir"), root)
+    start, num = int(spec.pop("seed_start", 0)), int(spec.pop("num"))
+    jsonl = os.path.join(out_dir, spec.get("jsonl_name", "data.jsonl"))
+    if not os.path.exists(jsonl) or sum(1 for _ in open(jsonl)) != num:
+        print(f"[nextchat-train] writing {num} synthetic samples (seeds {start}..{start + num - 1}) to {jsonl}")
+        if "tasks" in spec:
+            spec["tasks"] = tuple(spec["tasks"])
+        write_dataset(out_dir, range(start, start + num), **spec)
+    return jsonl
 
 
 def build_training_args(spec: dict, root: str):
@@ -158,16 +180,8 @@ def run(config: dict, root: str = "."):
     data_spec = dict(config.get("data", {}))
     synthetic = data_spec.get("synthetic")
     if synthetic:
-        from .synthetic import write_dataset
-
-        synthetic = dict(synthetic)
-        out_dir = _resolve(synthetic.pop("out_dir"), root)
-        start, num = int(synthetic.pop("seed_start", 0)), int(synthetic.pop("num"))
-        jsonl = os.path.join(out_dir, synthetic.get("jsonl_name", "data.jsonl"))
-        if not os.path.exists(jsonl) or sum(1 for _ in open(jsonl)) != num:
-            print(f"[nextchat-train] writing {num} synthetic samples (seeds {start}..{start + num - 1}) to {out_dir}")
-            write_dataset(out_dir, range(start, start + num), **synthetic)
-        data_spec.setdefault("train", jsonl)
+        sections = synthetic if isinstance(synthetic, list) else [synthetic]
+        data_spec.setdefault("train", [write_synthetic_section(section, root) for section in sections])
 
     model = build_model(model_spec, processor, root)
     stage_options = apply_stage_preset(model, config.get("stage", "full"))
