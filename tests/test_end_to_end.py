@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
@@ -13,6 +14,9 @@ from transformers import AutoProcessor
 from nextchat import NextChatProcessor
 from nextchat.quickstart import tiny_random_model_and_processor
 from test_save_load import BLOCKER
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_pair(seed=0):
@@ -110,10 +114,42 @@ def test_auto_processor_locally_and_through_remote_code(tmp_path):
     torch.testing.assert_close(remote["logits"], expected_logits, atol=1e-6, rtol=1e-6)
 
 
-def test_quickstart_writes_an_annotated_picture(tmp_path, capsys):
-    from nextchat.quickstart import main
+def _printed_boxes(printed: str) -> list[list[float]]:
+    import re
 
-    main(["--output", str(tmp_path / "answer.png"), "--max-new-tokens", "4"])
+    return [[float(v) for v in m.split(",")] for m in re.findall(r"box \[([^\]]+)\]", printed)]
+
+
+def test_quickstart_random_model_when_nothing_is_shipped(tmp_path, capsys, monkeypatch):
+    from nextchat import quickstart
+
+    monkeypatch.setattr(quickstart, "SHIPPED_MODEL", str(tmp_path / "absent"))
+    quickstart.main(["--output", str(tmp_path / "answer.png"), "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
-    assert "answer:" in printed and "box [" in printed
-    assert Image.open(tmp_path / "answer.png").size == (96, 64)
+    assert "RANDOM weights" in printed and "answer:" in printed and len(_printed_boxes(printed)) >= 1
+    assert Image.open(tmp_path / "answer.png").size == (96 * 2, 64 * 2)  # small pictures are drawn enlarged
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REPO, "examples", "tiny-nextchat-shapes", "config.json")),
+                    reason="the shipped tiny model is absent")
+def test_quickstart_on_the_shipped_model_draws_its_boxes(tmp_path, capsys):
+    """The README's main job: the shipped model on an unseen scene; every printed box is outlined on the PNG
+    (drawn 4x: 64 px scenes -> 256 px) in its colour, at 4x its pixel coordinates."""
+    from nextchat import quickstart
+    from nextchat.processing.processing_nextchat import DRAW_COLORS
+
+    quickstart.main(["--output", str(tmp_path / "answer.png")])
+    printed = capsys.readouterr().out
+    assert "RANDOM" not in printed and "Describe the image with object locations." in printed
+    boxes = _printed_boxes(printed)
+    assert boxes, printed
+    drawn = np.asarray(Image.open(tmp_path / "answer.png").convert("RGB"))
+    assert drawn.shape == (256, 256, 3)
+    for k, box in enumerate(boxes):
+        colour = np.array(Image.new("RGB", (1, 1), DRAW_COLORS[k % len(DRAW_COLORS)]).getpixel((0, 0)))
+        x1, y1, x2, y2 = (int(round(4 * v)) for v in box)
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, 256) - 1, min(y2, 256) - 1
+        for row in (y1, y2):  # top and bottom edges carry the colour along most of their length (the printed
+            # box is rounded to 0.1 px, so the drawn edge may be one row off at 4x)
+            near = [r for r in (row - 1, row, row + 1) if 0 <= r < 256]
+            assert max((drawn[r, x1:x2 + 1] == colour).all(-1).mean() for r in near) > 0.5, (k, box)

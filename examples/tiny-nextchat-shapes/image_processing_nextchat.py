@@ -1,0 +1,667 @@
+"""Image processor of NExT-Chat: the CLIP input, the SAM input and the geometry shared by both.
+
+Everything here is plain PIL + numpy so that the pixel values never depend on which optional backend
+(torchvision or not) happens to be installed.
+
+Coordinate frames (all boxes are xyxy):
+
+* **original pixels**: the image as the user gave it, size ``(h, w)``.
+* **square frame** (what the model reads and writes): the image padded to a centred square of side
+  ``L = max(h, w)`` (``expand2square``; the pad before the image is ``(L - short) // 2``), divided by ``L``.
+  ``x_norm = (x + pad_left) / L``, ``y_norm = (y + pad_top) / L``.
+* **SAM frame**: the image resized so that its longest side is ``S`` (``(int(h*S/L + 0.5), int(w*S/L + 0.5))``),
+  then padded to ``S x S`` with the pad before the image being ``(S - new) // 2``. A square-frame box times ``S``
+  lands on the same SAM pixels up to the rounding of these sizes (at most one SAM pixel plus one scale step).
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Geometry shared by the CLIP branch, the SAM branch, the processor and the post-processing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_image_size(image_size, argument_name="image_sizes"):
+    try:
+        height, width = (int(v) for v in image_size)
+    except Exception as err:
+        raise ValueError(f"`{argument_name}` must hold (height, width) pairs, got {image_size!r}") from err
+    if height <= 0 or width <= 0:
+        raise ValueError(f"`{argument_name}` must hold positive (height, width), got {(height, width)}")
+    return height, width
+
+
+def square_padding(image_size) -> tuple[int, int, int]:
+    """``(side, pad_top, pad_left)`` of expand2square for an image of ``(height, width)``: centred, the pad
+    before the image is ``(long - short) // 2`` as in the original ``Expand2square``."""
+    height, width = _check_image_size(image_size, "image_size")
+    side = max(height, width)
+    return side, (side - height) // 2, (side - width) // 2
+
+
+def boxes_to_square_frame(boxes, image_size) -> np.ndarray:
+    """Pixel xyxy boxes on the original image -> normalised xyxy in the padded-square frame (float64, (n, 4))."""
+    side, pad_top, pad_left = square_padding(image_size)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    offset = np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
+    return (boxes + offset) / side
+
+
+def boxes_from_square_frame(boxes, image_size, clip: bool = True) -> np.ndarray:
+    """Normalised square-frame xyxy boxes -> pixel xyxy on the original image (float64, (n, 4)).
+
+    The inverse of :func:`boxes_to_square_frame` (the original's ``de_transform_box``). With ``clip`` the result
+    is clipped to ``[0, w] x [0, h]``."""
+    height, width = _check_image_size(image_size, "image_size")
+    side, pad_top, pad_left = square_padding((height, width))
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    offset = np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
+    out = boxes * side - offset
+    if clip:
+        out[:, 0::2] = np.clip(out[:, 0::2], 0, width)
+        out[:, 1::2] = np.clip(out[:, 1::2], 0, height)
+    return out
+
+
+def sam_resized_size(image_size, sam_image_size: int) -> tuple[int, int]:
+    """Size ``(h', w')`` of the image after SAM's ``ResizeLongestSide`` (``int(x * S / long + 0.5)``, at least 1)."""
+    height, width = _check_image_size(image_size, "image_size")
+    scale = sam_image_size * 1.0 / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def sam_padding(image_size, sam_image_size: int) -> tuple[int, int, int, int]:
+    """``(pad_top, pad_left, h', w')``: where the resized image sits inside the centred ``S x S`` SAM input."""
+    new_h, new_w = sam_resized_size(image_size, sam_image_size)
+    return (sam_image_size - new_h) // 2, (sam_image_size - new_w) // 2, new_h, new_w
+
+
+def boxes_to_sam_frame(boxes, image_size, sam_image_size: int) -> np.ndarray:
+    """Pixel xyxy boxes on the original image -> pixel xyxy in the padded SAM input (exact SAM arithmetic)."""
+    height, width = _check_image_size(image_size, "image_size")
+    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scale = np.array([new_w / width, new_h / height, new_w / width, new_h / height])
+    return boxes * scale + np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
+
+
+def masks_to_sam_frame(masks, sam_image_size: int) -> np.ndarray:
+    """Binary masks at original resolution ``(n, h, w)`` (or ``(h, w)``) -> float32 ``(n, S, S)`` in {0, 1}.
+
+    As the original ``ResizeAndPad``: each 0/1 uint8 mask is resized with PIL bilinear to the SAM size, then
+    padded with zeros, centred, like ``sam_pixel_values``."""
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3 or masks.shape[1] == 0 or masks.shape[2] == 0:
+        raise ValueError(f"`masks` must be (n, height, width) arrays, got shape {masks.shape}")
+    n, height, width = masks.shape
+    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
+    out = np.zeros((n, sam_image_size, sam_image_size), dtype=np.float32)
+    for i in range(n):
+        binary = (masks[i] > 0).astype(np.uint8)
+        resized = np.asarray(PIL.Image.fromarray(binary).resize((new_w, new_h), PIL.Image.BILINEAR))
+        out[i, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = resized
+    return out
+
+
+def masks_from_sam_frame(mask_logits, image_size, sam_image_size: int, threshold: float | None = 0.0):
+    """Mask logits covering the whole padded SAM input (``(n, h, w)``, any resolution, e.g. SAM's 256 x 256
+    low-resolution output) -> masks at the original resolution ``(n, H, W)``.
+
+    The exact inverse of the SAM input transform (SAM's own ``postprocess_masks`` with centred padding):
+    bilinear upsampling to ``S x S``, crop of the padding, bilinear resize to the original size. Returns a bool
+    array (``logits > threshold``) or, with ``threshold=None``, the float32 logits."""
+    height, width = _check_image_size(image_size, "image_size")
+    logits = torch.as_tensor(np.asarray(mask_logits) if not torch.is_tensor(mask_logits) else mask_logits)
+    logits = logits.detach().to("cpu", torch.float32)
+    if logits.ndim == 2:
+        logits = logits[None]
+    if logits.ndim != 3:
+        raise ValueError(f"mask logits must be (n, h, w), got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        out = np.zeros((0, height, width), dtype=bool if threshold is not None else np.float32)
+        return out
+    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
+    x = logits[:, None]
+    if tuple(x.shape[-2:]) != (sam_image_size, sam_image_size):
+        x = torch.nn.functional.interpolate(x, (sam_image_size, sam_image_size), mode="bilinear", align_corners=False)
+    x = x[..., pad_top : pad_top + new_h, pad_left : pad_left + new_w]
+    x = torch.nn.functional.interpolate(x, (height, width), mode="bilinear", align_corners=False)[:, 0]
+    if threshold is None:
+        return x.numpy()
+    return (x > threshold).numpy()
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Decode a COCO run-length encoding (``{"size": [h, w], "counts": str | bytes | list[int]}``, column-major,
+    compressed or not) into a ``(h, w)`` uint8 mask. Pure numpy, no pycocotools."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"a COCO RLE mask must be a dict with 'size' and 'counts', got {type(rle).__name__}")
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        data = counts.encode("ascii") if isinstance(counts, str) else counts
+        runs: list[int] = []
+        p = 0
+        while p < len(data):
+            x = 0
+            k = 0
+            more = True
+            while more:
+                if p >= len(data):
+                    raise ValueError("truncated COCO RLE string in `masks`")
+                c = data[p] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p += 1
+                k += 1
+                if not more and (c & 0x10):
+                    x |= -1 << (5 * k)
+            if len(runs) > 2:
+                x += runs[-2]
+            runs.append(x)
+    else:
+        runs = [int(v) for v in counts]
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        raise ValueError(
+            f"COCO RLE in `masks` is inconsistent: runs sum to {sum(runs)} for size {height}x{width}"
+        )
+    values = np.zeros(len(runs), dtype=np.uint8)
+    values[1::2] = 1
+    flat = np.repeat(values, runs)
+    return flat.reshape(width, height).T.copy()
+
+
+def rle_encode(mask) -> dict:
+    """Encode a binary ``(h, w)`` mask as compressed COCO RLE (the inverse of :func:`rle_decode`)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D mask, got shape {mask.shape}")
+    height, width = mask.shape
+    flat = mask.T.reshape(-1) > 0
+    if flat.size == 0:
+        runs = []
+    else:
+        bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+        runs = np.diff(bounds).tolist()
+        if flat[0]:
+            runs = [0] + runs
+    out = bytearray()
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(c + 48)
+    return {"size": [height, width], "counts": out.decode("ascii")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image input normalisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_image_like(obj) -> bool:
+    return isinstance(obj, (PIL.Image.Image, np.ndarray, str, os.PathLike)) or torch.is_tensor(obj)
+
+
+def _composite_on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    rgba = image.convert("RGBA")
+    background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _array_to_uint8(arr: np.ndarray, argument_name: str) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"`{argument_name}` contains NaN or infinite pixel values")
+        if arr.size and (arr.min() < -1e-6 or arr.max() > 1 + 1e-6):
+            raise ValueError(
+                f"`{argument_name}`: float images must have values in [0, 1] (got range "
+                f"[{float(arr.min()):.4g}, {float(arr.max()):.4g}]); pass uint8 images for the 0-255 scale"
+            )
+        return np.round(np.clip(arr.astype(np.float64), 0, 1) * 255).astype(np.uint8)
+    if arr.dtype == np.uint16:
+        return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(
+                f"`{argument_name}`: integer images of dtype {arr.dtype} must have values in [0, 255] "
+                "(use uint16 for 16-bit images)"
+            )
+        return arr.astype(np.uint8)
+    raise ValueError(f"`{argument_name}`: unsupported pixel dtype {arr.dtype}")
+
+
+def _array_to_pil(arr: np.ndarray, channels_first: bool | None, argument_name: str) -> PIL.Image.Image:
+    if arr.ndim == 3:
+        first, last = arr.shape[0] in (1, 2, 3, 4), arr.shape[-1] in (1, 2, 3, 4)
+        if channels_first is None:
+            if first and last:
+                raise AssertionError("ambiguous layout must be resolved by the caller")
+            if not first and not last:
+                raise ValueError(
+                    f"`{argument_name}`: cannot find the channel axis of an image of shape {arr.shape} "
+                    "(expected 1, 2, 3 or 4 channels first or last)"
+                )
+            channels_first = first
+        if channels_first:
+            if not first:
+                raise ValueError(f"`{argument_name}`: shape {arr.shape} has no 1-4 channels first")
+            arr = np.moveaxis(arr, 0, -1)
+        elif not last:
+            raise ValueError(f"`{argument_name}`: shape {arr.shape} has no 1-4 channels last")
+    elif arr.ndim != 2:
+        raise ValueError(f"`{argument_name}`: an image must be 2-D or 3-D, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"`{argument_name}`: empty image of shape {arr.shape}")
+    arr = _array_to_uint8(np.ascontiguousarray(arr), argument_name)
+    if arr.ndim == 2:
+        return PIL.Image.fromarray(arr, mode="L").convert("RGB")
+    channels = arr.shape[-1]
+    if channels == 1:
+        return PIL.Image.fromarray(arr[..., 0], mode="L").convert("RGB")
+    if channels == 2:
+        return _composite_on_white(PIL.Image.fromarray(arr, mode="LA"))
+    if channels == 3:
+        return PIL.Image.fromarray(arr, mode="RGB")
+    return _composite_on_white(PIL.Image.fromarray(arr, mode="RGBA"))
+
+
+def to_rgb_image(image, input_data_format: str | None = None, argument_name: str = "images") -> PIL.Image.Image:
+    """Convert any supported image input to an 8-bit RGB PIL image.
+
+    * PIL images of every mode: ``RGB`` as is; ``RGBA``/``LA``/``La``/``RGBa``/``PA`` and ``P`` with transparency
+      are composited on white; ``I;16*`` are scaled by 1/257; ``I`` (32-bit) is taken as 8-bit when its values
+      fit in 0..255 and as 16-bit otherwise; ``F`` is taken as [0, 1] when its maximum is at most 1, else as
+      0..255 (clipped); every other mode (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) goes through
+      ``PIL.Image.convert("RGB")``.
+    * numpy arrays / torch tensors: 2-D (grey) or 3-D with 1-4 channels. The channel axis is inferred; where both
+      ends could be channels (e.g. ``(3, 5, 3)`` or ``(1, 1, 3)``), numpy arrays are read channels-last (the PIL
+      convention) and torch tensors channels-first (the torchvision convention); pass
+      ``input_data_format="channels_first" | "channels_last"`` to decide. uint8 is 0-255, uint16 is 16-bit, bool
+      is {0, 255}, floats must lie in [0, 1]; 2 or 4 channels carry alpha and are composited on white.
+    * ``str`` / ``os.PathLike``: a local image file.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with PIL.Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"`{argument_name}`: cannot open image file {image!r}: {err}") from err
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"`{argument_name}`: empty image of size {image.size}")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+        if mode.startswith("I;16"):
+            arr = np.asarray(image).astype(np.float64) / 257.0
+            return PIL.Image.fromarray(np.round(arr).astype(np.uint8), mode="L").convert("RGB")
+        if mode == "I":
+            arr = np.asarray(image).astype(np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise ValueError(f"`{argument_name}`: mode 'I' image with values outside 0..65535")
+            if arr.size and arr.max() > 255:
+                arr = np.round(arr / 257.0)
+            return PIL.Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+        if mode == "F":
+            arr = np.asarray(image).astype(np.float64)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"`{argument_name}`: mode 'F' image contains NaN or infinite values")
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+            return PIL.Image.fromarray(np.round(np.clip(arr, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
+        if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
+            return _composite_on_white(image)
+        try:
+            return image.convert("RGB")
+        except (ValueError, OSError) as err:
+            raise ValueError(f"`{argument_name}`: cannot convert a PIL image of mode {mode!r} to RGB") from err
+    if torch.is_tensor(image):
+        tensor = image.detach().to("cpu")
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        arr = tensor.numpy()
+        default_first = True
+    elif isinstance(image, np.ndarray):
+        arr = image
+        default_first = False
+    else:
+        raise ValueError(
+            f"`{argument_name}`: expected a PIL image, a numpy array, a torch tensor or a file path, "
+            f"got {type(image).__name__}"
+        )
+    if input_data_format not in (None, "channels_first", "channels_last"):
+        raise ValueError(
+            f"`input_data_format` must be None, 'channels_first' or 'channels_last', got {input_data_format!r}"
+        )
+    channels_first = None if input_data_format is None else input_data_format == "channels_first"
+    if channels_first is None and arr.ndim == 3:
+        first, last = arr.shape[0] in (1, 2, 3, 4), arr.shape[-1] in (1, 2, 3, 4)
+        if first and last:
+            channels_first = default_first
+    return _array_to_pil(arr, channels_first, argument_name)
+
+
+def expand2square(image: PIL.Image.Image, background_color=(255, 255, 255)) -> PIL.Image.Image:
+    """Pad an RGB PIL image to a centred square (the original ``Expand2square``, white by default)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = PIL.Image.new(image.mode, (side, side), tuple(background_color))
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def flatten_images(images, argument_name: str = "images") -> list:
+    """A single image, a list of images or a 4-D array/tensor -> flat list of single images."""
+    if images is None:
+        return []
+    if _is_image_like(images):
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return list(images)
+        if torch.is_tensor(images) and images.ndim == 4:
+            return list(images.unbind(0))
+        return [images]
+    if isinstance(images, (list, tuple)):
+        out = []
+        for item in images:
+            if not _is_image_like(item):
+                raise ValueError(
+                    f"`{argument_name}` must be an image or a list of images, found an element of type "
+                    f"{type(item).__name__}"
+                )
+            out.extend(flatten_images(item, argument_name))
+        return out
+    raise ValueError(f"`{argument_name}` must be an image or a list of images, got {type(images).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The image processor
+# --------------------------------------------------------------------------------------------------------------
+
+
+class NextChatImagesKwargs(TypedDict, total=False):
+    do_pad_to_square: bool
+    pad_color: Sequence[int]
+    do_resize: bool
+    size: dict
+    resample: int
+    do_center_crop: bool
+    crop_size: dict
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    sam_image_size: int | None
+    sam_pixel_mean: Sequence[float]
+    sam_pixel_std: Sequence[float]
+    sam_resample: int
+    return_sam_pixel_values: bool
+    input_data_format: str | None
+    return_tensors: str | None
+
+
+def _size_dict(size, name):
+    if isinstance(size, int):
+        return {"shortest_edge": size} if name == "size" else {"height": size, "width": size}
+    if isinstance(size, dict):
+        return {k: int(v) for k, v in size.items()}
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return {"height": int(size[0]), "width": int(size[1])}
+    raise ValueError(f"`{name}` must be an int or a dict, got {size!r}")
+
+
+class NextChatImageProcessor(BaseImageProcessor):
+    r"""
+    Image processor of NExT-Chat. For each image it returns
+
+    * ``pixel_values`` (CLIP input): the RGB image padded to a centred square (``pad_color``, white like the
+      original ``Expand2square``), resized so that its shortest edge is ``size["shortest_edge"]`` (PIL, bicubic),
+      centre-cropped to ``crop_size``, rescaled by ``rescale_factor`` and normalised with ``image_mean`` /
+      ``image_std`` (the arithmetic of transformers 4.31's ``CLIPImageProcessor``, implemented here with PIL and
+      numpy so that it does not drift with the installed backend);
+    * ``sam_pixel_values`` (when ``sam_image_size`` is set and ``return_sam_pixel_values``): the original image
+      resized so that its longest side is ``sam_image_size`` (PIL bilinear), normalised with ``sam_pixel_mean`` /
+      ``sam_pixel_std`` on the 0-255 scale, and zero-padded (after normalisation) to a centred square;
+    * ``image_sizes``: the original ``(height, width)``.
+
+    Defaults are those of CLIP ViT-L/14-336 and SAM (1024). ``sam_image_size=None`` makes a box-only processor.
+    See :func:`to_rgb_image` for the accepted inputs.
+    """
+
+    model_input_names = ["pixel_values", "sam_pixel_values", "image_sizes"]
+    valid_kwargs = NextChatImagesKwargs
+
+    # the fields a CLIPImageProcessor config shares with this one
+    _CLIP_FIELDS = (
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+    )
+    _FIELDS = (
+        "do_pad_to_square",
+        "pad_color",
+        *_CLIP_FIELDS,
+        "sam_image_size",
+        "sam_pixel_mean",
+        "sam_pixel_std",
+        "sam_resample",
+    )
+
+    def __init__(
+        self,
+        do_pad_to_square: bool = True,
+        pad_color: Sequence[int] = (255, 255, 255),
+        do_resize: bool = True,
+        size: dict | int | None = None,
+        resample: int = 3,
+        do_center_crop: bool = True,
+        crop_size: dict | int | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        sam_image_size: int | None = 1024,
+        sam_pixel_mean: Sequence[float] = SAM_PIXEL_MEAN,
+        sam_pixel_std: Sequence[float] = SAM_PIXEL_STD,
+        sam_resample: int = 2,
+        **kwargs,
+    ):
+        # keys written by other processors / older versions that carry no meaning here
+        for key in ("image_processor_type", "processor_class", "do_convert_rgb", "auto_map", "_processor_class"):
+            kwargs.pop(key, None)
+        if kwargs:
+            raise ValueError(f"NextChatImageProcessor got unknown arguments {sorted(kwargs)}")
+        super().__init__()
+        self.do_pad_to_square = bool(do_pad_to_square)
+        self.pad_color = [int(c) for c in pad_color]
+        if len(self.pad_color) != 3 or not all(0 <= c <= 255 for c in self.pad_color):
+            raise ValueError(f"`pad_color` must be three ints in 0..255, got {pad_color!r}")
+        self.do_resize = bool(do_resize)
+        self.size = _size_dict(size if size is not None else {"shortest_edge": 336}, "size")
+        if self.do_resize and not (
+            "shortest_edge" in self.size or ("height" in self.size and "width" in self.size)
+        ):
+            raise ValueError(f"`size` needs 'shortest_edge' or 'height' and 'width', got {self.size}")
+        self.resample = int(resample)
+        self.do_center_crop = bool(do_center_crop)
+        self.crop_size = _size_dict(crop_size if crop_size is not None else {"height": 336, "width": 336}, "crop_size")
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        if sam_image_size is not None and int(sam_image_size) <= 0:
+            raise ValueError(f"`sam_image_size` must be a positive int or None, got {sam_image_size!r}")
+        self.sam_image_size = None if sam_image_size is None else int(sam_image_size)
+        self.sam_pixel_mean = [float(v) for v in sam_pixel_mean]
+        self.sam_pixel_std = [float(v) for v in sam_pixel_std]
+        self.sam_resample = int(sam_resample)
+        for name in ("image_mean", "image_std", "sam_pixel_mean", "sam_pixel_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"`{name}` must have 3 values, got {getattr(self, name)}")
+
+    # -- (de)serialisation ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self._FIELDS}
+        out["image_processor_type"] = type(self).__name__
+        if getattr(self, "_auto_class", None) is not None and "auto_map" in self.__dict__:
+            out["auto_map"] = self.__dict__["auto_map"]
+        return out
+
+    @classmethod
+    def from_clip_image_processor_dict(cls, clip_dict: dict, **kwargs) -> "NextChatImageProcessor":
+        """Build from a ``CLIPImageProcessor`` ``preprocessor_config.json`` dict (the vision tower's), keeping
+        its sizes, resampling, mean and std; ``kwargs`` (e.g. ``sam_image_size``) override."""
+        fields = {key: clip_dict[key] for key in cls._CLIP_FIELDS if clip_dict.get(key) is not None}
+        fields.update(kwargs)
+        return cls(**fields)
+
+    @property
+    def crop_height_width(self) -> tuple[int, int]:
+        """Size ``(H, W)`` of ``pixel_values``."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if "shortest_edge" in self.size:
+            return self.size["shortest_edge"], self.size["shortest_edge"]
+        return self.size["height"], self.size["width"]
+
+    # -- the two branches -------------------------------------------------------------------------------------
+
+    def _clip_branch(self, image: PIL.Image.Image) -> np.ndarray:
+        if self.do_pad_to_square:
+            image = expand2square(image, self.pad_color)
+        if self.do_resize:
+            width, height = image.size
+            if "shortest_edge" in self.size:
+                short, long = (width, height) if width <= height else (height, width)
+                new_short = self.size["shortest_edge"]
+                new_long = int(new_short * long / short)
+                new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
+            else:
+                new_h, new_w = self.size["height"], self.size["width"]
+            if (new_w, new_h) != (width, height):
+                image = image.resize((new_w, new_h), resample=self.resample, reducing_gap=None)
+        arr = np.asarray(image)  # (H, W, 3) uint8
+        if self.do_center_crop:
+            crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
+            height, width = arr.shape[:2]
+            if crop_h > height or crop_w > width:
+                new_h, new_w = max(crop_h, height), max(crop_w, width)
+                padded = np.zeros((new_h, new_w, 3), dtype=arr.dtype)
+                top, left = (new_h - height) // 2, (new_w - width) // 2
+                padded[top : top + height, left : left + width] = arr
+                arr, height, width = padded, new_h, new_w
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            arr = arr[top : top + crop_h, left : left + crop_w]
+        out = arr.astype(np.float32)
+        if self.do_rescale:
+            out = (arr * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            out = (out - mean) / std
+        return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+    def _sam_branch(self, image: PIL.Image.Image) -> np.ndarray:
+        size = self.sam_image_size
+        pad_top, pad_left, new_h, new_w = sam_padding((image.height, image.width), size)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=self.sam_resample)
+        arr = np.asarray(image).astype(np.float32)
+        mean = np.asarray(self.sam_pixel_mean, dtype=np.float32)
+        std = np.asarray(self.sam_pixel_std, dtype=np.float32)
+        arr = (arr - mean) / std
+        out = np.zeros((3, size, size), dtype=np.float32)
+        out[:, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = arr.transpose(2, 0, 1)
+        return out
+
+    def preprocess(
+        self,
+        images,
+        return_sam_pixel_values: bool | None = None,
+        input_data_format: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Process one image or a list of images. Returns ``pixel_values`` (n, 3, H, W), ``image_sizes`` (n, 2)
+        (original height, width) and, with SAM, ``sam_pixel_values`` (n, 3, S, S)."""
+        if kwargs:
+            raise ValueError(f"NextChatImageProcessor.preprocess got unknown arguments {sorted(kwargs)}")
+        if return_sam_pixel_values is None:
+            return_sam_pixel_values = self.sam_image_size is not None
+        if return_sam_pixel_values and self.sam_image_size is None:
+            raise ValueError("`return_sam_pixel_values=True` but this image processor has no `sam_image_size`")
+        flat = flatten_images(images, "images")
+        if not flat:
+            raise ValueError("`images` is empty")
+        rgb = [to_rgb_image(img, input_data_format, "images") for img in flat]
+        pixel_values = np.stack([self._clip_branch(img) for img in rgb])
+        data = {
+            "pixel_values": pixel_values,
+            "image_sizes": np.array([[img.height, img.width] for img in rgb], dtype=np.int64),
+        }
+        if return_sam_pixel_values:
+            data["sam_pixel_values"] = np.stack([self._sam_branch(img) for img in rgb])
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"`return_tensors` must be 'pt', 'np' or None, got {return_tensors!r}")
+        return BatchFeature(data=data, tensor_type="pt" if return_tensors == "pt" else None)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+__all__ = [
+    "NextChatImageProcessor",
+    "boxes_from_square_frame",
+    "boxes_to_sam_frame",
+    "boxes_to_square_frame",
+    "expand2square",
+    "masks_from_sam_frame",
+    "masks_to_sam_frame",
+    "rle_decode",
+    "rle_encode",
+    "sam_padding",
+    "sam_resized_size",
+    "square_padding",
+    "to_rgb_image",
+]

@@ -1,0 +1,629 @@
+"""PyTorch NExT-Chat (pix2emb): a LLaVA-style chat model whose locations are embeddings.
+
+The last-layer hidden state at every trigger token `<at>` is decoded by `loc_decoder` into a normalised xyxy box
+(and, through `seg_prompt_mlp` and SAM, into a mask); the position after it, `<boxes>`, is fed `loc_encoder(box)`.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_nextchat import NextChatConfig
+from .generation_nextchat import NextChatGenerationMixin, TriggerState
+from .loss_nextchat import box_losses, mask_losses
+
+
+IGNORE_INDEX = -100
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    # not `module[0].weight`: PEFT's `modules_to_save` wraps the head in a module that cannot be indexed
+    return next(module.parameters()).dtype
+
+
+def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
+
+
+def _build_projector(depth: int, in_features: int, out_features: int) -> nn.Sequential:
+    """The original `mm_projector`: Linear, then (depth−1) × [GELU, Linear]; indices 0, 2, 4… hold the weights."""
+    layers = [nn.Linear(in_features, out_features)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_features, out_features)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class NextChatCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): weighted sum of the terms below that apply.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        cache (`Cache`): the key/value cache.
+        hidden_states, attentions: as returned by the language model when asked for.
+        trigger_positions (`torch.LongTensor` of shape `(K, 2)`): `(row, column)` of every `<at>` in `input_ids`
+            as given (padding included), row-major.
+        pred_boxes (`torch.FloatTensor` of shape `(K, 4)`): `loc_decoder` of the hidden state at each trigger,
+            normalised xyxy in the padded-square frame.
+        pred_masks (`torch.FloatTensor` of shape `(K, h, w)`): SAM low-resolution mask logits over the padded SAM
+            input, when `sam_pixel_values` was given.
+        iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
+        lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
+        mask_iou_loss: the unweighted loss terms (each normalised by its own item count).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    trigger_positions: torch.LongTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    box_l1_loss: torch.FloatTensor | None = None
+    box_giou_loss: torch.FloatTensor | None = None
+    cycle_embed_loss: torch.FloatTensor | None = None
+    cycle_box_loss: torch.FloatTensor | None = None
+    mask_ce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    mask_iou_loss: torch.FloatTensor | None = None
+
+
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_nextchat.NextChatConfig",
+    "AutoModel": "modeling_nextchat.NextChatForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_nextchat.NextChatForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_nextchat.NextChatForConditionalGeneration",
+}
+
+
+class NextChatPreTrainedModel(PreTrainedModel):
+    config: NextChatConfig
+    config_class = NextChatConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer", "Block", "MaskDecoder"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the flat remote code so that the folder loads with
+        `trust_remote_code=True` where `nextchat` is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if __name__.startswith("nextchat."):
+            # From the installed package: export the code flat. Code loaded from the Hub is already flat, and
+            # transformers copies it itself (`custom_object_save`).
+            importlib.import_module("nextchat.remote_code").write_remote_code(save_directory)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # SAM parameters that are not Linear/Conv/Embedding/LayerNorm weights: start as segment-anything does.
+        if hasattr(module, "pos_embed") and isinstance(module.pos_embed, nn.Parameter):
+            nn.init.zeros_(module.pos_embed)
+        if hasattr(module, "rel_pos_h"):
+            nn.init.zeros_(module.rel_pos_h)
+            nn.init.zeros_(module.rel_pos_w)
+        if hasattr(module, "positional_encoding_gaussian_matrix"):
+            with torch.no_grad():
+                module.positional_encoding_gaussian_matrix.normal_()
+
+
+class NextChatModel(NextChatPreTrainedModel):
+    """Vision tower + projector + language model, with image features and box embeddings merged into the inputs."""
+
+    def __init__(self, config: NextChatConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.mm_projector = _build_projector(config.projector_depth, config.vision_config.hidden_size, hidden_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.loc_encoder = _mlp(4, hidden_size // 2, hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`(n, 3, H, W)` CLIP inputs -> projected patch features `(n, image_seq_length, hidden_size)`."""
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
+        return self.mm_projector(features)
+
+    def _merge_image_features(self, input_ids, inputs_embeds, pixel_values):
+        image_mask = input_ids == self.config.image_token_id
+        per_image = self.config.image_seq_length
+        if pixel_values is None:
+            if bool(image_mask.any()):
+                num_tokens = int(image_mask.sum())
+                raise ValueError(
+                    f"`input_ids` hold {num_tokens} image placeholders (`<im_patch>`, id {self.config.image_token_id}) "
+                    "but no `pixel_values` were given"
+                )
+            return inputs_embeds
+        if pixel_values.dim() != 4:
+            raise ValueError(f"`pixel_values` must have shape (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
+        num_tokens = int(image_mask.sum())
+        num_images = pixel_values.shape[0]
+        per_row = image_mask.sum(dim=1)
+        if num_tokens != num_images * per_image or bool((per_row % per_image).any()):
+            raise ValueError(
+                f"`pixel_values` holds {num_images} images of {per_image} features each, but the rows of `input_ids` "
+                f"hold {per_row.tolist()} image placeholders; every image block needs exactly {per_image} `<im_patch>` "
+                "tokens and one image"
+            )
+        features = self.get_image_features(pixel_values)
+        features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def _merge_box_embeddings(self, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask):
+        per_row = box_token_mask.sum(dim=1)
+        if box_inputs is None:
+            if bool(per_row.any()):
+                raise ValueError(
+                    f"`input_ids` hold {per_row.tolist()} `<boxes>` tokens per row but no `box_inputs` were given"
+                )
+            return inputs_embeds
+        boxes = _select_boxes(box_inputs, box_inputs_mask, per_row)
+        if boxes.shape[0] == 0:
+            return inputs_embeds
+        box_embeds = self.loc_encoder(boxes.to(_dtype_of(self.loc_encoder))).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        box_inputs: torch.FloatTensor | None = None,
+        box_inputs_mask: torch.BoolTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Embeds `input_ids` (image features at `<im_patch>`, `loc_encoder(box)` at `<boxes>`) and runs the LM.
+
+        `input_ids` are required: the positions of the NExT-Chat tokens are read from them.
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+
+        box_token_mask = input_ids == self.config.box_token_id
+        state = TriggerState.from_cache(cache)
+        if state is not None and not bool(state.pending.any()):
+            state = None  # no row ended on a trigger: nothing to feed (the common decoding step)
+        if state is not None:
+            # A trigger ended the previous call: the position after it is fed the predicted box, whatever token
+            # it holds, so a `<boxes>` token there needs no entry in `box_inputs`.
+            pending = state.pending.to(box_token_mask.device)
+            box_token_mask = box_token_mask.clone()
+            box_token_mask[:, 0] &= ~pending
+        inputs_embeds = self._merge_box_embeddings(box_token_mask, inputs_embeds, box_inputs, box_inputs_mask)
+        if state is not None:
+            pending_embeds = self.loc_encoder(state.boxes.to(_dtype_of(self.loc_encoder)))
+            first = torch.where(pending[:, None], pending_embeds.to(inputs_embeds.dtype), inputs_embeds[:, 0])
+            inputs_embeds = torch.cat([first[:, None], inputs_embeds[:, 1:]], dim=1)
+
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+            if past_length == 0 and attention_mask.shape[1] != input_ids.shape[1]:
+                raise ValueError(
+                    f"`attention_mask` has {attention_mask.shape[1]} columns but `input_ids` has {input_ids.shape[1]}"
+                )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return outputs
+
+
+def _select_boxes(box_inputs, box_inputs_mask, boxes_per_row):
+    """Boxes of the True slots, row-major, checked against the number of `<boxes>` tokens of each row."""
+    if box_inputs.dim() != 3 or box_inputs.shape[-1] != 4:
+        raise ValueError(f"`box_inputs` must have shape (batch, num_boxes, 4), got {tuple(box_inputs.shape)}")
+    if box_inputs.shape[0] != boxes_per_row.shape[0]:
+        raise ValueError(
+            f"`box_inputs` has {box_inputs.shape[0]} rows but `input_ids` has {boxes_per_row.shape[0]}"
+        )
+    if box_inputs_mask is None:
+        box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
+    if box_inputs_mask.shape != box_inputs.shape[:2]:
+        raise ValueError(
+            f"`box_inputs_mask` must have shape {tuple(box_inputs.shape[:2])} like `box_inputs`, "
+            f"got {tuple(box_inputs_mask.shape)}"
+        )
+    box_inputs_mask = box_inputs_mask.bool()
+    given = box_inputs_mask.sum(dim=1).to(boxes_per_row.device)
+    if not torch.equal(given, boxes_per_row):
+        raise ValueError(
+            f"`box_inputs_mask` gives {given.tolist()} boxes per row but `input_ids` hold {boxes_per_row.tolist()} "
+            "`<boxes>` tokens per row; each `<boxes>` token needs exactly one box"
+        )
+    boxes = box_inputs[box_inputs_mask]
+    if not bool(torch.isfinite(boxes).all()):
+        raise ValueError("`box_inputs` contain NaN or infinite coordinates")
+    return boxes
+
+
+class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrainedModel, GenerationMixin):
+    """NExT-Chat with its language-modelling head, box decoder and (optionally) SAM.
+
+    Example:
+
+    ```python
+    >>> from nextchat import NextChatForConditionalGeneration, NextChatProcessor
+    >>> model = NextChatForConditionalGeneration.from_pretrained("path/to/converted")
+    >>> processor = NextChatProcessor.from_pretrained("path/to/converted")
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: NextChatConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.model = NextChatModel(config)
+        self.lm_head = nn.Linear(hidden_size, config.text_config.vocab_size, bias=False)
+        self.loc_decoder = _mlp(hidden_size, hidden_size // 2, 4)
+        if config.sam_config is not None:
+            from .sam_nextchat import NextChatSamModel
+
+            prompt_dim = config.sam_config["prompt_embed_dim"]
+            self.seg_prompt_mlp = _mlp(hidden_size, hidden_size, config.num_seg_prompt_tokens * prompt_dim)
+            self.sam = NextChatSamModel(config.sam_config)
+        else:
+            self.seg_prompt_mlp = None
+            self.sam = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @property
+    def loc_encoder(self):
+        return self.model.loc_encoder
+
+    def decode_boxes(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states `(..., hidden_size)` -> normalised xyxy boxes `(..., 4)`."""
+        boxes = self.loc_decoder(hidden_states.to(_dtype_of(self.loc_decoder)))
+        if self.config.box_decoder_activation == "sigmoid":
+            boxes = boxes.sigmoid()
+        return boxes
+
+    def predict_masks(
+        self, sam_pixel_values: torch.Tensor, trigger_hidden_states: torch.Tensor, boxes: torch.Tensor,
+        image_index: torch.LongTensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM masks for K triggers; SAM's image encoder runs once per distinct image.
+
+        Args:
+            sam_pixel_values: `(B, 3, S, S)` SAM inputs.
+            trigger_hidden_states: `(K, hidden_size)` final-norm hidden states at the triggers.
+            boxes: `(K, 4)` normalised xyxy boxes (padded-square frame = SAM frame).
+            image_index: `(K,)` which row of `sam_pixel_values` each trigger belongs to.
+
+        Returns:
+            low-resolution mask logits `(K, h, w)` and predicted IoUs `(K,)`.
+        """
+        if self.sam is None:
+            raise ValueError("`sam_pixel_values` were given but this model has no SAM (`config.sam_config` is None)")
+        size = self.sam.image_size
+        if sam_pixel_values.dim() != 4 or tuple(sam_pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"`sam_pixel_values` must have shape (batch, 3, {size}, {size}), got {tuple(sam_pixel_values.shape)}"
+            )
+        sam_dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        prompts = self.seg_prompt_mlp(trigger_hidden_states.to(_dtype_of(self.seg_prompt_mlp)))
+        prompts = prompts.view(prompts.shape[0], self.config.num_seg_prompt_tokens, -1)
+        images, inverse = torch.unique(image_index, return_inverse=True)
+        embeddings = self.sam.get_image_embeddings(sam_pixel_values[images.to(sam_pixel_values.device)].to(sam_dtype))
+        pred_masks = iou_scores = None
+        for i in range(len(images)):
+            selected = torch.nonzero(inverse == i).flatten()
+            masks, scores = self.sam.decode_masks(embeddings[i : i + 1], prompts[selected], boxes[selected] * size)
+            if pred_masks is None:
+                pred_masks = masks.new_empty((len(image_index),) + masks.shape[1:])
+                iou_scores = scores.new_empty(len(image_index))
+            pred_masks[selected] = masks
+            iou_scores[selected] = scores
+        return pred_masks, iou_scores
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        box_inputs: torch.FloatTensor | None = None,
+        box_inputs_mask: torch.BoolTensor | None = None,
+        sam_pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mask_targets: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | int | dict | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> NextChatCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids, image blocks and
+                `<at> <boxes>` pairs included.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): CLIP inputs of the expand2square
+                images, one per image block, in row-major order of the blocks.
+            box_inputs (`torch.FloatTensor` of shape `(batch_size, num_boxes, 4)`): normalised xyxy boxes (padded
+                square frame); the k-th `<boxes>` of row b is fed `loc_encoder` of the k-th True slot of row b.
+            box_inputs_mask (`torch.BoolTensor` of shape `(batch_size, num_boxes)`): which slots hold boxes.
+            sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, S, S)`): SAM inputs; masks are computed
+                only when given.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): LM targets, -100 = ignored. A
+                trigger whose label is not ignored is an assistant trigger: its box is trained against the box of
+                the `<boxes>` that follows it.
+            mask_targets (`torch.FloatTensor` of shape `(batch_size, num_boxes, h, w)`): binary masks in the SAM
+                input frame aligned with `box_inputs`; a slot filled with negative values has no mask.
+            image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): original `(height, width)` from the
+                processor; not needed by the model (accepted so that `model(**processor(...))` works).
+            inputs_embeds: not supported (a `ValueError` unless `None`); accepted so that wrappers such as PEFT's
+                `PeftModelForCausalLM`, which always pass it, work. `return_dict` is ignored: the output is always a
+                `NextChatCausalLMOutputWithPast`.
+            num_items_in_batch (`int`, `torch.Tensor` or `dict`): normaliser(s) over a gradient-accumulated batch.
+                An int is the number of LM target tokens (what `Trainer` passes); a dict from
+                `count_loss_items` summed over the micro-batches makes every term exact.
+        """
+        if inputs_embeds is not None:
+            raise ValueError(
+                "`inputs_embeds` are not supported: NExT-Chat builds its input embeddings from `input_ids` (image and "
+                "box slots are found by token id); pass `input_ids`"
+            )
+        if use_cache is None and labels is not None:
+            use_cache = False  # training needs no key/value cache
+        if box_inputs is not None and box_inputs_mask is None:
+            box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            pixel_values=pixel_values,
+            box_inputs=box_inputs,
+            box_inputs_mask=box_inputs_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        new_cache = outputs.cache
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(kept)
+
+        trigger_positions = torch.nonzero(input_ids == self.config.trigger_token_id)
+        trigger_hidden = hidden_states[trigger_positions[:, 0], trigger_positions[:, 1]]
+        pred_boxes = self.decode_boxes(trigger_hidden) if len(trigger_hidden) else trigger_hidden.new_zeros((0, 4))
+
+        if new_cache is not None:
+            last_is_trigger = input_ids[:, -1] == self.config.trigger_token_id
+            last_hidden = hidden_states[:, -1]
+            if bool(last_is_trigger.any()):
+                last_boxes = self.decode_boxes(last_hidden)
+            else:
+                last_boxes = last_hidden.new_zeros((last_hidden.shape[0], 4))
+            self._record_triggers(new_cache, last_is_trigger, last_boxes, last_hidden)
+
+        pred_masks = iou_scores = None
+        if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
+            pred_masks, iou_scores = self.predict_masks(
+                sam_pixel_values, trigger_hidden, pred_boxes, trigger_positions[:, 0]
+            )
+        elif mask_targets is not None and self.sam is None:
+            raise ValueError("`mask_targets` were given but this model has no SAM (`config.sam_config` is None)")
+
+        output = NextChatCausalLMOutputWithPast(
+            logits=logits,
+            cache=new_cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            trigger_positions=trigger_positions,
+            pred_boxes=pred_boxes,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+        )
+        if labels is not None:
+            self._compute_losses(
+                output, input_ids, labels, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
+                sam_pixel_values, num_items_in_batch, logits_to_keep,
+            )
+        return output
+
+    @staticmethod
+    def count_loss_items(
+        input_ids, labels, box_inputs_mask=None, mask_targets=None, trigger_token_id=None, box_token_id=None
+    ) -> dict:
+        """Item counts of each loss term in one micro-batch; sum them over micro-batches and pass the sums as
+        `num_items_in_batch` to make every term exactly the mean over the accumulated batch."""
+        shifted = labels[:, 1:]
+        targets = (shifted != IGNORE_INDEX) & (shifted != box_token_id)
+        assistant = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
+        counts = {
+            "tokens": int(targets.sum()),
+            "boxes": int(assistant.sum()),
+            "input_boxes": int(box_inputs_mask.sum()) if box_inputs_mask is not None else 0,
+            "masks": 0,
+        }
+        if mask_targets is not None and counts["boxes"]:
+            slots = _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
+            has_mask = (mask_targets.flatten(2) >= 0).all(-1)
+            counts["masks"] = int(has_mask[slots[:, 0], slots[:, 1]].sum())
+        return counts
+
+    def _compute_losses(
+        self, output, input_ids, labels, trigger_hidden, box_inputs, box_inputs_mask, mask_targets, sam_pixel_values,
+        num_items_in_batch, logits_to_keep,
+    ):
+        config = self.config
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if logits_to_keep not in (0, None):
+            raise ValueError("`labels` need logits for every position; do not pass `logits_to_keep` with them")
+        local = self.count_loss_items(
+            input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id
+        )
+        normalisers = _normalisers(local, num_items_in_batch)
+
+        shift_labels = labels[:, 1:].masked_fill(labels[:, 1:] == config.box_token_id, IGNORE_INDEX)
+        ce = nn.functional.cross_entropy(
+            output.logits[:, :-1].float().flatten(0, 1),
+            shift_labels.flatten().to(output.logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        output.lm_loss = ce / normalisers["tokens"]
+        total = config.lm_loss_weight * output.lm_loss
+
+        is_trigger = output.trigger_positions
+        assistant = labels[is_trigger[:, 0], is_trigger[:, 1]] != IGNORE_INDEX
+        if bool(assistant.any()):
+            slots = _assistant_box_slots(
+                input_ids, labels, box_inputs_mask if box_inputs is not None else None,
+                config.trigger_token_id, config.box_token_id, box_inputs=box_inputs,
+            )
+            targets = box_inputs[slots[:, 0], slots[:, 1]].to(output.pred_boxes.dtype)
+            pred = output.pred_boxes[assistant]
+            l1, giou = box_losses(pred, targets)
+            output.box_l1_loss = l1 / (4 * normalisers["boxes"])
+            output.box_giou_loss = giou / normalisers["boxes"]
+            hidden = trigger_hidden[assistant]
+            reencoded = self.loc_encoder(pred.to(_dtype_of(self.loc_encoder)))
+            cycle = ((reencoded.float() - hidden.float()) ** 2).sum()
+            output.cycle_embed_loss = cycle / (hidden.shape[-1] * normalisers["boxes"])
+            total = (
+                total
+                + config.box_l1_loss_weight * output.box_l1_loss
+                + config.box_giou_loss_weight * output.box_giou_loss
+                + config.cycle_embed_loss_weight * output.cycle_embed_loss
+            )
+            if mask_targets is not None and sam_pixel_values is not None:
+                total = total + self._mask_loss(output, assistant, slots, mask_targets, normalisers)
+            elif mask_targets is not None:
+                raise ValueError("`mask_targets` need `sam_pixel_values` to predict masks")
+
+        if box_inputs is not None and local["input_boxes"]:
+            boxes = box_inputs[box_inputs_mask.bool()] if box_inputs_mask is not None else box_inputs.flatten(0, 1)
+            boxes = boxes.to(_dtype_of(self.loc_encoder))
+            cycled = self.decode_boxes(self.loc_encoder(boxes))
+            output.cycle_box_loss = (cycled.float() - boxes.float()).abs().sum() / (4 * normalisers["input_boxes"])
+            total = total + config.cycle_box_loss_weight * output.cycle_box_loss
+        output.loss = total
+
+    def _mask_loss(self, output, assistant, slots, mask_targets, normalisers):
+        config = self.config
+        targets = mask_targets[slots[:, 0], slots[:, 1]]
+        has_mask = (targets.flatten(1) >= 0).all(-1)
+        if not bool(has_mask.any()):
+            return 0.0
+        logits = output.pred_masks[assistant][has_mask]
+        targets = targets[has_mask]
+        logits = nn.functional.interpolate(
+            logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]
+        ce, dice, iou = mask_losses(
+            logits, targets, output.iou_scores[assistant][has_mask], config.mask_loss_type,
+            config.mask_focal_alpha, config.mask_focal_gamma, config.mask_dice_smooth,
+        )
+        output.mask_ce_loss = ce / normalisers["masks"]
+        output.mask_dice_loss = dice / normalisers["masks"]
+        output.mask_iou_loss = iou / normalisers["masks"]
+        return (
+            config.mask_ce_loss_weight * output.mask_ce_loss
+            + config.mask_dice_loss_weight * output.mask_dice_loss
+            + config.mask_iou_loss_weight * output.mask_iou_loss
+        )
+
+
+def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id, box_inputs=None):
+    """`(K, 2)` (row, slot) indices into `box_inputs` of the box that follows each assistant trigger, row-major."""
+    triggers = torch.nonzero((input_ids == trigger_token_id) & (labels != IGNORE_INDEX))
+    rows, cols = triggers[:, 0], triggers[:, 1]
+    next_cols = cols + 1
+    if bool((next_cols >= input_ids.shape[1]).any()) or not bool(
+        (input_ids[rows, next_cols.clamp(max=input_ids.shape[1] - 1)] == box_token_id).all()
+    ):
+        raise ValueError(
+            "with `labels`, every assistant `<at>` must be followed by `<boxes>` carrying its target box in `box_inputs`"
+        )
+    if box_inputs_mask is None and box_inputs is None:
+        raise ValueError("`labels` contain assistant `<at>` triggers but no `box_inputs` hold their target boxes")
+    if box_inputs_mask is None:
+        box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=input_ids.device)
+    # ordinal of each `<boxes>` token within its row, mapped to the slot index of the ordinal-th True slot
+    ordinal = (input_ids == box_token_id).long().cumsum(dim=1) - 1
+    box_ordinal = ordinal[rows, next_cols]
+    slot_of_ordinal = torch.full_like(box_inputs_mask, -1, dtype=torch.long)
+    mask = box_inputs_mask.bool()
+    row_ordinals = mask.long().cumsum(dim=1) - 1
+    slot_rows, slot_cols = torch.nonzero(mask, as_tuple=True)
+    slot_of_ordinal[slot_rows, row_ordinals[slot_rows, slot_cols]] = slot_cols
+    return torch.stack([rows, slot_of_ordinal[rows, box_ordinal]], dim=1)
+
+
+def _normalisers(local: dict, num_items_in_batch) -> dict:
+    """Divisors of each summed loss term: the counts of the whole accumulated batch when known."""
+    if isinstance(num_items_in_batch, dict):
+        counts = dict(num_items_in_batch)
+    elif num_items_in_batch is not None:
+        # Only the token count of the whole batch is known: scale every other term by this micro-batch's share of
+        # the tokens, so that summing the micro-batch losses gives a token-weighted mean rather than a sum.
+        share = float(num_items_in_batch) / max(local["tokens"], 1)
+        counts = {key: value * share for key, value in local.items()}
+        counts["tokens"] = num_items_in_batch
+    else:
+        counts = local
+    return {key: (value.clamp(min=1) if torch.is_tensor(value) else max(value, 1)) for key, value in counts.items()}
+
+
+__all__ = [
+    "NextChatPreTrainedModel",
+    "NextChatModel",
+    "NextChatForConditionalGeneration",
+    "NextChatCausalLMOutputWithPast",
+]
