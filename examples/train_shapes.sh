@@ -3,6 +3,7 @@
 # with the project's Trainer path, then evaluate it on seeds never used for training.
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
+#   PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (budgets in s)
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone) with all four tasks; written by two processes in parallel (~30 s).
@@ -25,14 +26,14 @@ $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --si
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
-    --set data.synthetic=null \
+    --set data.synthetic=null --set time_budget_s="${PHASE1_S:-600}" \
     --set data.train="[\"$DATA/warmup/data.jsonl\", \"$DATA/train/data.jsonl\"]" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase1\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/phase1/final\""
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny_masks.json" \
     --set model.pretrained="\"$RUNS/shapes_tiny/phase1/final\"" \
-    --set data.train="\"$DATA/train/data.jsonl\"" \
+    --set data.train="\"$DATA/train/data.jsonl\"" --set time_budget_s="${PHASE2_S:-200}" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase2\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/final\""
 end=$(date +%s)
