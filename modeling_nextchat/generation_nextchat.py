@@ -79,13 +79,12 @@ class TriggerGrammarLogitsProcessor(LogitsProcessor):
     def __init__(self, trigger_token_id: int, box_token_id: int, image_token_ids: list[int]):
         self.trigger_token_id = trigger_token_id
         self.box_token_id = box_token_id
-        self.banned = [box_token_id] + list(image_token_ids)
+        self.banned = torch.tensor([box_token_id] + list(image_token_ids))  # built once, not at every step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         after_trigger = input_ids[:, -1] == self.trigger_token_id
         box_score = scores[:, self.box_token_id]
-        banned = torch.tensor(self.banned, device=scores.device)
-        scores = scores.index_fill(1, banned, -float("inf"))
+        scores = scores.index_fill(1, self.banned.to(scores.device), -float("inf"))
         if bool(after_trigger.any()):
             # `<boxes>` keeps its own score after a trigger, even where an earlier processor ruled it out (e.g. one
             # that forces EOS), so that the pair is never broken.

@@ -79,14 +79,14 @@ def main(argv=None):
     else:
         model, processor = tiny_random_model_and_processor()
         random_weights = True
+    shipped = bool(folder) and os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL)
     if args.image:
-        image = Image.open(args.image).convert("RGB")
-        question = args.question or "Where is the red square?"
-    elif folder and os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL):
+        image, question = Image.open(args.image).convert("RGB"), "Where is the red square?"
+    elif shipped:
         image, question = shapes_scene()
-        question = args.question or question
     else:
-        image, question = generated_image(), args.question or "Where is the red square?"
+        image, question = generated_image(), "Where is the red square?"
+    question = args.question or question
 
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": f"<image> {processor.escape_text(question)}"}], add_generation_prompt=True
@@ -101,7 +101,7 @@ def main(argv=None):
     if random_weights:
         print("NOTE: tiny model with RANDOM weights — the boxes below exercise the pipeline, they are not a trained "
               "answer.")
-    elif folder and os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL):
+    elif shipped:
         print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it puts boxes and masks on "
               "the objects but does not yet tell them apart by name (scores in examples/tiny-nextchat-shapes/README.md).")
     print(f"question: {question}")

@@ -135,8 +135,6 @@ def write_synthetic_section(spec: dict, root: str = ".") -> str:
     jsonl = os.path.join(out_dir, spec.get("jsonl_name", "data.jsonl"))
     if not os.path.exists(jsonl) or sum(1 for _ in open(jsonl)) != num:
         print(f"[nextchat-train] writing {num} synthetic samples (seeds {start}..{start + num - 1}) to {jsonl}")
-        if "tasks" in spec:
-            spec["tasks"] = tuple(spec["tasks"])
         write_dataset(out_dir, range(start, start + num), **spec)
     return jsonl
 
