@@ -1,6 +1,7 @@
 """Multi-process data parallel: 2 CPU processes (torchrun, gloo) reach the same losses and weights as one process
 with the same global batch, through `NextChatTrainer` (whose loss normalisers are summed across processes)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -129,3 +130,57 @@ def test_entry_point_sets_up_cpu_data_parallelism(monkeypatch, tmp_path):
     captured.clear()
     build_training_args({"output_dir": "out", "ddp_backend": "gloo"}, str(tmp_path))
     assert "ddp_backend" not in captured
+
+
+BUDGET_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from transformers import Trainer, TrainingArguments
+    from nextchat.training.trainer import TimeBudgetCallback
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y):
+            return {"loss": ((self.linear(x)[:, 0] - y) ** 2).mean()}
+
+    data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(64)]
+    rank = int(os.environ.get("RANK", "0"))
+    # rank 1's clock says the budget is spent at once; rank 0's never does: rank 0 must decide for both
+    budget = TimeBudgetCallback(0.0 if rank == 1 else 1e9)
+    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
+                             ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[budget])
+    trainer.train()
+    with open(os.path.join(sys.argv[1], f"steps_{rank}.json"), "w") as f:
+        json.dump(trainer.state.global_step, f)
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+    """
+)
+
+
+def test_time_budget_stops_every_process_after_the_same_step(tmp_path):
+    # Each process has its own clock; if one stopped a step before the other, the other would wait forever in its
+    # next all-reduce. Here rank 1 believes the budget is spent from the first step: both must still run to the
+    # step rank 0 decides (max_steps, as rank 0's budget never runs out), and the run must end.
+    script = tmp_path / "budget_run.py"
+    script.write_text(BUDGET_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    steps = [json.load(open(tmp_path / f"steps_{rank}.json")) for rank in (0, 1)]
+    assert steps == [6, 6]

@@ -32,7 +32,7 @@ def base_model_of(model):
 
 def count_loss_items(model, batches: list[dict]) -> dict | None:
     """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels)."""
-    if not batches or "labels" not in batches[0]:
+    if not batches or "labels" not in batches[0] or "input_ids" not in batches[0]:
         return None
     base = base_model_of(model)
     config = base.config
@@ -163,7 +163,14 @@ class TimeBudgetCallback(TrainerCallback):
         self.start = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.time() - self.start > self.budget_s:
+        over = self.start is not None and time.time() - self.start > self.budget_s
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every process must stop after the same step, or the others wait forever in the next all-reduce:
+            # rank 0's clock decides for all
+            flag = torch.tensor([float(over)], device=args.device if args.device.type != "mps" else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            over = bool(flag.item())
+        if over:
             control.should_training_stop = True
             control.should_save = True
         return control
