@@ -3,11 +3,13 @@
 # with the project's Trainer path, then evaluate it on seeds never used for training.
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
-#   PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (budgets in s)
+#   VISION_S=10 PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (s)
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone) with all four tasks; written by two processes in parallel (~30 s).
-# Phase 1 (stage "full" without SAM inputs, 600 s): CLIP, projector, LLaMA and the box heads, reading the data in
+# Stage 0 (90 s): the vision tower alone learns to name the object under every patch (colour x shape) from the
+# generator's masks, our stand-in for CLIP pretraining (see nextchat/training/vision_pretrain.py for why).
+# Phase 1 (stage "full" without SAM inputs, 510 s, starting from that tower): CLIP, projector, LLaMA and the box heads, reading the data in
 # file order (train_sampling_strategy "sequential"), so the warm-up comes first.
 # Phase 2 (stage "sam", 200 s): seg_prompt_mlp and SAM with everything else frozen — the original's recipe
 # (stages 1-2, then the mask stage 3), except that all of SAM trains because it is not pretrained here.
@@ -24,9 +26,13 @@ $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 200000
     --min-objects 1 --max-objects 1 --max-turns 1 &
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 &
 wait
+$PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
+    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --time-budget "${VISION_S:-90}" \
+    --max-steps 100000
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
-    --set data.synthetic=null --set time_budget_s="${PHASE1_S:-600}" \
+    --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
+    --set data.synthetic=null --set time_budget_s="${PHASE1_S:-510}" \
     --set data.train="[\"$DATA/warmup/data.jsonl\", \"$DATA/train/data.jsonl\"]" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase1\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/phase1/final\""

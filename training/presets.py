@@ -136,7 +136,12 @@ def init_vision_sincos_positions(model, scale: float = 1.0, temperature: float =
     """Overwrite the CLIP position embedding table with `scale` x 2-D sin-cos values (class position: zeros). An
     initialisation for training from scratch; the weights stay trainable. On a small patch grid a low
     `temperature` (e.g. 20) spreads the frequencies over the grid instead of leaving most of them nearly constant."""
-    embeddings = model.model.vision_tower.embeddings
+    init_sincos_position_table(model.model.vision_tower.embeddings, scale, temperature)
+
+
+@torch.no_grad()
+def init_sincos_position_table(embeddings, scale: float = 1.0, temperature: float = 10000.0) -> None:
+    """`init_vision_sincos_positions` on a CLIP vision tower's `embeddings` module."""
     table = embeddings.position_embedding.weight
     num_patches = table.shape[0] - 1
     grid = int(math.isqrt(num_patches))

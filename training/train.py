@@ -11,6 +11,8 @@ Config keys (see `training/configs/*.json` for complete examples):
     "sincos_vision_positions": {"scale": 1.0, "temperature": 20},   # scratch only: 2-D sin-cos init of the
                                                  # CLIP position table (true = amplitude 1, a number = that amplitude)
     "reset_head_init": true,                     # scratch only: PyTorch default init of the box/mask heads
+    "vision_tower_init": "path",                 # scratch only: a pretrained vision tower (save_pretrained folder,
+                                                 # e.g. from `python -m nextchat.training.vision_pretrain`)
     "seed": 0                                    # init seed (scratch)
   },
   "stage": "full" | "stage1" | "stage2" | "stage3",
@@ -121,7 +123,23 @@ def build_model(model_spec: dict, processor, root="."):
             init_vision_sincos_positions(model, scale=1.0 if sincos is True else float(sincos))
     if model_spec.get("reset_head_init", False):
         reset_head_init(model)
+    if model_spec.get("vision_tower_init"):
+        load_vision_tower(model, _resolve(model_spec["vision_tower_init"], root))
     return model
+
+
+def load_vision_tower(model, path: str) -> None:
+    """Replace the weights of `model`'s vision tower by those saved at `path` (`save_pretrained` of a tower with the
+    same config, e.g. by `nextchat.training.vision_pretrain`)."""
+    tower = model.model.vision_tower
+    saved = type(tower).from_pretrained(path)
+    mine, theirs = tower.config.to_diff_dict(), saved.config.to_diff_dict()
+    different = sorted(k for k in set(mine) | set(theirs) if k not in ("_name_or_path", "transformers_version",
+                                                                       "architectures", "dtype", "torch_dtype")
+                       and mine.get(k) != theirs.get(k))
+    if different:
+        raise ValueError(f"model.vision_tower_init {path!r}: its vision config differs from the model's in {different}")
+    tower.load_state_dict(saved.state_dict())
 
 
 def write_synthetic_section(spec: dict, root: str = ".") -> str:

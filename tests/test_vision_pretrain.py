@@ -1,0 +1,122 @@
+"""Stage 0 of the shapes recipe: per-patch pretraining of a from-scratch vision tower, and loading it into a model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nextchat.training.synthetic import COLORS, SHAPES, build_shapes_processor, render_scene, shape_mask
+from nextchat.training.train import build_model
+from nextchat.training.vision_pretrain import (
+    PatchClassifier,
+    ShapesPatchDataset,
+    build_vision_tower,
+    main,
+    patch_labels,
+)
+
+
+IMAGE = 32
+SPEC = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "patch_size": 8},
+    "sam_config": None,
+}
+BACKGROUND = len(COLORS) * len(SHAPES)
+
+
+def klass(color, shape):
+    return list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
+def test_patch_labels_by_hand():
+    # 16x16 image, 8-px patches: [0 1; 2 3]
+    red_square = {"color": "red", "shape": "square", "mask": shape_mask("square", 8, 0, 0, 16, 16)}  # all of patch 0
+    blue = np.zeros((16, 16), dtype=bool)
+    blue[0:2, 8:13] = True  # 10 px in patch 1
+    blue[8:9, 8:15] = True  # 7 px in patch 3: below min_pixels (8)
+    green = np.zeros((16, 16), dtype=bool)
+    green[2:6, 8:11] = True  # 12 px in patch 1: more than blue's 10
+    green[8:16, 0:2] = True  # 16 px in patch 2
+    objects = [red_square, {"color": "blue", "shape": "circle", "mask": blue},
+               {"color": "green", "shape": "diamond", "mask": green}]
+    labels = patch_labels(objects, 16, 16, 8, min_pixels=8)
+    assert labels.tolist() == [klass("red", "square"), klass("green", "diamond"), klass("green", "diamond"),
+                               BACKGROUND]
+    assert patch_labels(objects, 16, 16, 8, min_pixels=13).tolist() == [
+        klass("red", "square"), BACKGROUND, klass("green", "diamond"), BACKGROUND]
+
+
+def test_dataset_is_deterministic_and_matches_the_scene():
+    processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
+    dataset = ShapesPatchDataset([5, 6], processor.image_processor, patch_size=8)
+    first, again = dataset[0], dataset[0]
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["labels"], again["labels"])
+    _, objects = render_scene(5)
+    assert first["pixel_values"].shape == (3, 64, 64) and first["labels"].shape == (64,)
+    # every object's centre patch carries that object's class
+    for obj in objects:
+        x1, y1, x2, y2 = obj["box"]
+        row, col = int((y1 + y2) / 2) // 8, int((x1 + x2) / 2) // 8
+        if obj["mask"][row * 8:(row + 1) * 8, col * 8:(col + 1) * 8].sum() >= 8:
+            assert first["labels"][row * 8 + col] == klass(obj["color"], obj["shape"])
+
+
+def test_classifier_loss_weights_background_patches():
+    processor = build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None)
+    config = {"model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC}}
+    tower, _, _ = build_vision_tower(config)
+    classifier = PatchClassifier(tower, BACKGROUND + 1, background_weight=0.25)
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE)
+    labels = torch.full((2, 16), BACKGROUND)
+    labels[0, 3], labels[1, 7] = 2, 9
+    out = classifier(pixel_values, labels)
+    ce = torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), labels.flatten(), reduction="none")
+    weights = torch.full((32,), 0.25)
+    weights[3], weights[16 + 7] = 1.0, 1.0
+    assert torch.allclose(out["loss"], (ce * weights).sum() / weights.sum())
+    assert processor.image_seq_length == 16
+
+
+def test_pretrained_tower_learns_and_loads_into_a_model(tmp_path):
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": SPEC, "sincos_vision_positions": {"scale": 1.0, "temperature": 20}, "seed": 0},
+        "torch_num_threads": 1,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "tower"
+    assert main([str(path), str(out), "--num", "64", "--eval-num", "16", "--max-steps", "60", "--batch-size", "16",
+                 "--learning-rate", "3e-3", "--logging-steps", "10"]) == 0
+    metrics = json.load(open(out / "vision_pretrain_metrics.json"))
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert metrics["steps"] == 60 and losses[-1] < 0.8 * losses[0]
+    assert 0.0 <= metrics["object_patch_accuracy"] <= 1.0
+
+    # the same config with "vision_tower_init" builds a model whose tower holds exactly the saved weights
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    model = build_model({**config["model"], "vision_tower_init": str(out)},
+                        build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None))
+    tower_state = model.model.vision_tower.state_dict()
+    assert set(saved) == set(tower_state)
+    for name, tensor in saved.items():
+        assert torch.equal(tower_state[name], tensor), name
+    # ... and, before pretraining, the stage-0 tower starts from the model's own sin-cos position table
+    fresh_model = build_model(config["model"], build_shapes_processor(image_size=IMAGE, patch_size=8,
+                                                                      sam_image_size=None))
+    fresh_tower, _, _ = build_vision_tower(config)
+    assert torch.equal(fresh_tower.embeddings.position_embedding.weight,
+                       fresh_model.model.vision_tower.embeddings.position_embedding.weight)
+
+    wider = json.loads(json.dumps(config["model"]))
+    wider["scratch"]["vision_config"]["intermediate_size"] = 128
+    with pytest.raises(ValueError, match="vision_tower_init.*intermediate_size"):
+        build_model({**wider, "vision_tower_init": str(out)},
+                    build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None))
