@@ -6,15 +6,16 @@
 #   VISION_S=10 PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (s)
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
-# objects (a fifth of them alone) with all four tasks; written by two processes in parallel (~30 s).
+# objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
+# can be answered by copying an earlier turn's box: measured worse); written by two processes in parallel (~30 s).
 # Stage 0 (90 s): the vision tower alone learns to name the object under every patch (colour x shape) from the
 # generator's masks, our stand-in for CLIP pretraining (see nextchat/training/vision_pretrain.py for why).
-# Phase 1 (stage "full" without SAM inputs, 510 s, starting from that tower): CLIP, projector, LLaMA and the box heads, reading the data in
-# file order (train_sampling_strategy "sequential"), so the warm-up comes first.
+# Phase 1 (stage "full" without SAM inputs, 510 s, starting from that tower): CLIP, projector, LLaMA and the box
+# heads, reading the data in file order (train_sampling_strategy "sequential"), so the warm-up comes first.
 # Phase 2 (stage "sam", 200 s): seg_prompt_mlp and SAM with everything else frozen — the original's recipe
 # (stages 1-2, then the mask stage 3), except that all of SAM trains because it is not pretrained here.
-# Both phases run as 2 data-parallel CPU processes (torchrun, gloo, one thread each); the learning-rate decay of
-# each phase runs over its wall-clock budget, so a slower or shared machine trains fewer steps, not longer.
+# Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each); the learning-rate decay of
+# each runs over its wall-clock budget, so a slower or shared machine trains fewer steps, not longer.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-$ROOT/runs}
@@ -24,7 +25,7 @@ DATA=$RUNS/shapes_data
 start=$(date +%s)
 $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
     --min-objects 1 --max-objects 1 --max-turns 1 &
-$PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 &
+$PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 --max-turns 1 &
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --time-budget "${VISION_S:-90}" \
