@@ -102,8 +102,9 @@ def main(argv=None):
         print("NOTE: tiny model with RANDOM weights — the boxes below exercise the pipeline, they are not a trained "
               "answer.")
     elif shipped:
-        print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it puts boxes and masks on "
-              "the objects but does not yet tell them apart by name (scores in examples/tiny-nextchat-shapes/README.md).")
+        print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it puts boxes on the "
+              "objects and names them right only some of the time; its masks do not follow the boxes yet (scores in "
+              "examples/tiny-nextchat-shapes/README.md).")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
     for k, entity in enumerate(result["entities"]):
