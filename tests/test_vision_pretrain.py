@@ -120,3 +120,27 @@ def test_pretrained_tower_learns_and_loads_into_a_model(tmp_path):
     with pytest.raises(ValueError, match="vision_tower_init.*intermediate_size"):
         build_model({**wider, "vision_tower_init": str(out)},
                     build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None))
+
+
+def test_object_patch_accuracy_equals_a_per_patch_loop():
+    from nextchat.training.vision_pretrain import object_patch_accuracy
+
+    processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
+    config = {"model": {"processor": {"shapes": {"image_size": 64, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC}}
+    tower, _, _ = build_vision_tower(config)
+    classifier = PatchClassifier(tower, BACKGROUND + 1)
+    with torch.no_grad():  # make some object patches right: bias the head towards the most common classes
+        classifier.head.bias[klass("red", "square")] += 3.0
+    dataset = ShapesPatchDataset(range(40), processor.image_processor, patch_size=8)
+    hits = total = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        with torch.no_grad():
+            logits = classifier(item["pixel_values"][None])["logits"][0]
+        for p in range(logits.shape[0]):
+            if item["labels"][p] != BACKGROUND:
+                total += 1
+                hits += int(logits[p].argmax() == item["labels"][p])
+    assert total > 0 and 0 < hits < total
+    assert object_patch_accuracy(classifier, dataset, batch_size=7) == pytest.approx(hits / total)

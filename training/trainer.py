@@ -31,7 +31,8 @@ def base_model_of(model):
 
 
 def count_loss_items(model, batches: list[dict]) -> dict | None:
-    """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels)."""
+    """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels or no input ids, e.g. the
+    pixel-only batches of `vision_pretrain`)."""
     if not batches or "labels" not in batches[0] or "input_ids" not in batches[0]:
         return None
     base = base_model_of(model)
@@ -167,7 +168,7 @@ class TimeBudgetCallback(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # every process must stop after the same step, or the others wait forever in the next all-reduce:
             # rank 0's clock decides for all
-            flag = torch.tensor([float(over)], device=args.device if args.device.type != "mps" else "cpu")
+            flag = torch.tensor([float(over)], device=args.device)
             torch.distributed.broadcast(flag, src=0)
             over = bool(flag.item())
         if over:
