@@ -80,12 +80,13 @@ def main(argv=None):
         model, processor = tiny_random_model_and_processor()
         random_weights = True
     shipped = bool(folder) and os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL)
+    question = "Where is the red square?"
     if args.image:
-        image, question = Image.open(args.image).convert("RGB"), "Where is the red square?"
+        image = Image.open(args.image).convert("RGB")
     elif shipped:
         image, question = shapes_scene()
     else:
-        image, question = generated_image(), "Where is the red square?"
+        image = generated_image()
     question = args.question or question
 
     prompt = processor.apply_chat_template(

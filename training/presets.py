@@ -139,6 +139,16 @@ def init_vision_sincos_positions(model, scale: float = 1.0, temperature: float =
     init_sincos_position_table(model.model.vision_tower.embeddings, scale, temperature)
 
 
+def sincos_position_options(spec) -> dict | None:
+    """The keyword arguments of `init_sincos_position_table` that a training config's `sincos_vision_positions`
+    asks for (a dict of them; true = amplitude 1; a number = that amplitude), or None (false / absent)."""
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, dict):
+        return dict(spec)
+    return {"scale": 1.0 if spec is True else float(spec)}
+
+
 @torch.no_grad()
 def init_sincos_position_table(embeddings, scale: float = 1.0, temperature: float = 10000.0) -> None:
     """`init_vision_sincos_positions` on a CLIP vision tower's `embeddings` module."""
@@ -168,5 +178,6 @@ def reset_head_init(model, heads=("loc_encoder", "loc_decoder", "seg_prompt_mlp"
 
 __all__ = [
     "DEFAULT_MODULES_TO_SAVE", "LM_REGEX", "ORIGINAL_LOSS_WEIGHTS", "STAGES", "apply_lora", "apply_stage_preset",
-    "init_vision_sincos_positions", "reset_head_init", "sincos_2d", "trainable_parameter_names",
+    "init_vision_sincos_positions", "reset_head_init", "sincos_2d", "sincos_position_options",
+    "trainable_parameter_names",
 ]

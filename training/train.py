@@ -106,7 +106,7 @@ def scratch_config(processor, spec: dict):
 def build_model(model_spec: dict, processor, root="."):
     from nextchat import NextChatForConditionalGeneration
 
-    from .presets import init_vision_sincos_positions, reset_head_init
+    from .presets import init_vision_sincos_positions, reset_head_init, sincos_position_options
 
     if "pretrained" in model_spec:
         path = model_spec["pretrained"]
@@ -115,12 +115,9 @@ def build_model(model_spec: dict, processor, root="."):
     config = scratch_config(processor, model_spec["scratch"])
     torch.manual_seed(int(model_spec.get("seed", 0)))
     model = NextChatForConditionalGeneration(config)
-    sincos = model_spec.get("sincos_vision_positions", False)
-    if sincos is not False and sincos is not None:
-        if isinstance(sincos, dict):
-            init_vision_sincos_positions(model, **sincos)
-        else:
-            init_vision_sincos_positions(model, scale=1.0 if sincos is True else float(sincos))
+    sincos = sincos_position_options(model_spec.get("sincos_vision_positions"))
+    if sincos is not None:
+        init_vision_sincos_positions(model, **sincos)
     if model_spec.get("reset_head_init", False):
         reset_head_init(model)
     if model_spec.get("vision_tower_init"):

@@ -31,11 +31,11 @@ def base_model_of(model):
 
 
 def count_loss_items(model, batches: list[dict]) -> dict | None:
-    """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels or no input ids, e.g. the
-    pixel-only batches of `vision_pretrain`)."""
-    if not batches or "labels" not in batches[0] or "input_ids" not in batches[0]:
-        return None
+    """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels, or when the model is not a
+    NExT-Chat, e.g. the patch classifier of `vision_pretrain`, trained here for the wall-clock schedule)."""
     base = base_model_of(model)
+    if not batches or "labels" not in batches[0] or not hasattr(base, "count_loss_items"):
+        return None
     config = base.config
     total = dict.fromkeys(LOSS_ITEM_KEYS, 0)
     for batch in batches:

@@ -118,7 +118,7 @@ def build_vision_tower(config: dict, root: str = "."):
     with its processor."""
     from transformers import AutoModel
 
-    from .presets import init_sincos_position_table
+    from .presets import init_sincos_position_table, sincos_position_options
     from .train import build_processor, scratch_config
 
     model_spec = config["model"]
@@ -128,9 +128,8 @@ def build_vision_tower(config: dict, root: str = "."):
     nextchat_config = scratch_config(processor, model_spec["scratch"])
     torch.manual_seed(int(model_spec.get("seed", 0)))
     tower = AutoModel.from_config(nextchat_config.vision_config)
-    sincos = model_spec.get("sincos_vision_positions")
-    if sincos:
-        sincos = sincos if isinstance(sincos, dict) else {"scale": 1.0 if sincos is True else float(sincos)}
+    sincos = sincos_position_options(model_spec.get("sincos_vision_positions"))
+    if sincos is not None:
         init_sincos_position_table(tower.embeddings, **sincos)
     return tower, processor, nextchat_config
 
