@@ -560,9 +560,29 @@ def test_synthetic_eval_scorer_on_perfect_and_wrong_answers():
                        for o in objects]
             wrong.append({"text": "...", "entities": shifted})
     good, bad = score(queries, perfect), score(queries, wrong)
-    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5", "gc_named_recall@0.5"):
+    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5", "gc_named_recall@0.5",
+                "res_box_acc@0.5", "res_mask_miou_where_box_hit"):
         assert good[key] == 1.0, key
+    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5", "gc_named_recall@0.5",
+                "res_box_acc@0.5"):
         assert bad[key] < 0.5, key
+
+
+def test_synthetic_eval_separates_sam_errors_from_box_errors():
+    """res: a right box with an empty mask and a wrong box with the right mask, scored by hand."""
+    from nextchat.training.synthetic_eval import build_queries, score
+
+    res = [q for q in build_queries(range(1_000_000, 1_000_004)) if q["task"] == "res"][:2]
+    results = []
+    o = res[0]["objects"][res[0]["object"]]
+    results.append({"text": "", "entities": [{"text": "x", "box": o["box"], "mask": np.zeros_like(o["mask"])}]})
+    o = res[1]["objects"][res[1]["object"]]
+    far = [o["box"][0] + 64, o["box"][1] + 64, o["box"][2] + 64, o["box"][3] + 64]
+    results.append({"text": "", "entities": [{"text": "x", "box": far, "mask": o["mask"]}]})
+    metrics = score(res, results)
+    assert metrics["res_box_acc@0.5"] == 0.5
+    assert metrics["res_mask_miou"] == 0.5  # (0 + 1) / 2
+    assert metrics["res_mask_miou_where_box_hit"] == 0.0  # only the first reply hit, and its mask is empty
 
 
 def test_synthetic_eval_runs_the_real_inference_path(processor):

@@ -8,7 +8,8 @@ are asked:
   colour or shape — whenever the scene has one). Metric: Acc@0.5 = fraction whose FIRST grounded box has IoU > 0.5
   with the ground truth (a reply without a box counts as a miss); mean IoU.
 * ``res``: "Segment the blue square." on a random object. Metric: mean mask IoU at the original resolution (no mask
-  -> 0), and cIoU = sum(I) / sum(U).
+  -> 0), and cIoU = sum(I) / sum(U). To tell SAM's errors from localisation errors, also the fraction of replies
+  whose box hits the object (IoU > 0.5) and the mean mask IoU over those replies only.
 * ``reg``: "What is in [0]?" with the box of a random object. Metric: exact match of the answer with
   "a <colour> <shape>" (case and final period ignored).
 * ``gc``: "Describe the image with object locations." Metric: box recall@0.5 = fraction of ground-truth objects
@@ -111,7 +112,7 @@ def run_queries(model, processor, queries, batch_size: int = 48, max_new_tokens:
 
 def score(queries, results) -> dict:
     rec_hits, rec_ious, rec_hard = [], [], []
-    res_ious, res_inter, res_union = [], 0, 0
+    res_ious, res_inter, res_union, res_box_hits = [], 0, 0, []
     reg_hits = []
     gc_total = gc_box = gc_named = gc_pred = gc_pred_hit = 0
     for q, r in zip(queries, results):
@@ -131,6 +132,7 @@ def score(queries, results) -> dict:
             else:
                 iou, inter, union = mask_iou(mask, target["mask"])
             res_ious.append(iou)
+            res_box_hits.append(bool(entities) and box_iou(entities[0]["box"], target["box"]) > 0.5)
             res_inter += inter
             res_union += union
         elif q["task"] == "reg":
@@ -161,6 +163,8 @@ def score(queries, results) -> dict:
         "rec_distractor_fraction": mean(rec_hard),
         "res_mask_miou": mean(res_ious),
         "res_mask_ciou": res_inter / res_union if res_union else float("nan"),
+        "res_box_acc@0.5": mean(res_box_hits),
+        "res_mask_miou_where_box_hit": mean([iou for iou, hit in zip(res_ious, res_box_hits) if hit]),
         "reg_exact_match": mean(reg_hits),
         "gc_box_recall@0.5": gc_box / gc_total if gc_total else float("nan"),
         "gc_named_recall@0.5": gc_named / gc_total if gc_total else float("nan"),
