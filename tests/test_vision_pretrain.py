@@ -13,6 +13,7 @@ from nextchat.training.vision_pretrain import (
     ShapesPatchDataset,
     build_vision_tower,
     main,
+    patch_boxes,
     patch_labels,
 )
 
@@ -50,6 +51,18 @@ def test_patch_labels_by_hand():
         klass("red", "square"), BACKGROUND, klass("green", "diamond"), BACKGROUND]
 
 
+def test_patch_boxes_by_hand():
+    # 16x16 image, 8-px patches [0 1; 2 3]; an 8x8 square owns patch 0, a 3x4 bar owns nothing (12 px < 13)
+    square = {"color": "red", "shape": "square", "box": [0, 0, 8, 8], "mask": shape_mask("square", 8, 0, 0, 16, 16)}
+    bar_mask = np.zeros((16, 16), dtype=bool)
+    bar_mask[9:12, 9:13] = True
+    bar = {"color": "blue", "shape": "square", "box": [9, 9, 13, 12], "mask": bar_mask}
+    boxes = patch_boxes([square, bar], 16, 16, 8, min_pixels=8)
+    assert boxes.dtype == np.float32 and boxes.shape == (4, 4)
+    assert boxes.tolist() == [[0, 0, 0.5, 0.5], [0, 0, 0, 0], [0, 0, 0, 0], [9 / 16, 9 / 16, 13 / 16, 12 / 16]]
+    assert patch_boxes([square, bar], 16, 16, 8, min_pixels=13)[3].tolist() == [0, 0, 0, 0]
+
+
 def test_dataset_is_deterministic_and_matches_the_scene():
     processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
     dataset = ShapesPatchDataset([5, 6], processor.image_processor, patch_size=8)
@@ -82,6 +95,27 @@ def test_classifier_loss_weights_background_patches():
     assert processor.image_seq_length == 16
 
 
+def test_box_loss_is_the_mean_l1_over_object_patches():
+    config = {"model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC}}
+    tower, _, _ = build_vision_tower(config)
+    classifier = PatchClassifier(tower, BACKGROUND + 1, background_weight=0.25, box_loss_weight=2.0)
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE)
+    labels = torch.full((2, 16), BACKGROUND)
+    labels[0, 3], labels[1, 7], labels[1, 8] = 2, 9, 9
+    boxes = torch.zeros(2, 16, 4)
+    boxes[0, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    boxes[1, 7] = boxes[1, 8] = torch.tensor([0.5, 0.5, 0.9, 0.8])
+    out = classifier(pixel_values, labels, boxes)
+    pred = out["pred_boxes"]
+    l1 = [float((pred[b, p] - boxes[b, p]).abs().sum()) for b, p in ((0, 3), (1, 7), (1, 8))]
+    assert out["box_loss"].item() == pytest.approx(sum(l1) / 3, rel=1e-5)
+    without_boxes = PatchClassifier(tower, BACKGROUND + 1, background_weight=0.25)
+    without_boxes.head.load_state_dict(classifier.head.state_dict())
+    class_loss = without_boxes(pixel_values, labels)["loss"]
+    assert out["loss"].item() == pytest.approx(class_loss.item() + 2.0 * sum(l1) / 3, rel=1e-5)
+
+
 def test_pretrained_tower_learns_and_loads_into_a_model(tmp_path):
     config = {
         "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
@@ -92,11 +126,12 @@ def test_pretrained_tower_learns_and_loads_into_a_model(tmp_path):
     path.write_text(json.dumps(config))
     out = tmp_path / "tower"
     assert main([str(path), str(out), "--num", "64", "--eval-num", "16", "--max-steps", "60", "--batch-size", "16",
-                 "--learning-rate", "3e-3", "--logging-steps", "10"]) == 0
+                 "--learning-rate", "3e-3", "--logging-steps", "10", "--box-loss-weight", "1"]) == 0
     metrics = json.load(open(out / "vision_pretrain_metrics.json"))
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert metrics["steps"] == 60 and losses[-1] < 0.8 * losses[0]
     assert 0.0 <= metrics["object_patch_accuracy"] <= 1.0
+    assert 0.0 < metrics["object_patch_box_error_px"] < IMAGE
 
     # the same config with "vision_tower_init" builds a model whose tower holds exactly the saved weights
     from safetensors.torch import load_file
@@ -144,3 +179,23 @@ def test_object_patch_accuracy_equals_a_per_patch_loop():
                 hits += int(logits[p].argmax() == item["labels"][p])
     assert total > 0 and 0 < hits < total
     assert object_patch_accuracy(classifier, dataset, batch_size=7) == pytest.approx(hits / total)
+
+
+def test_object_patch_box_error_equals_a_per_patch_loop():
+    from nextchat.training.vision_pretrain import object_patch_metrics
+
+    processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
+    config = {"model": {"processor": {"shapes": {"image_size": 64, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC}}
+    tower, _, _ = build_vision_tower(config)
+    classifier = PatchClassifier(tower, BACKGROUND + 1, box_loss_weight=1.0)
+    dataset = ShapesPatchDataset(range(12), processor.image_processor, patch_size=8)
+    errors = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        with torch.no_grad():
+            pred = classifier(item["pixel_values"][None])["pred_boxes"][0]
+        for p in range(pred.shape[0]):
+            if item["labels"][p] != BACKGROUND:
+                errors += [abs(float(pred[p, c]) - float(item["boxes"][p, c])) for c in range(4)]
+    assert object_patch_metrics(classifier, dataset, batch_size=5)["box_error"] == pytest.approx(np.mean(errors))

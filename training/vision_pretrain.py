@@ -6,10 +6,14 @@ training the LM's attention spreads over all image tokens, which averages the sh
 patches away (measured on lone objects, 700 steps of 16: the shape word's loss stays at chance, ln 4, while the
 colour word's is ~0; the same tower with a max-pooling probe learns shapes in ~400 steps).
 
-This stage trains the vision tower alone, with a throw-away linear head, to classify every patch by the object that
-covers it (colour x shape, or background), from the generator's exact masks. The head is discarded; the tower is
-saved with `save_pretrained` and loaded into a new model by ``"vision_tower_init"`` of the training config's
-``model`` section. It is our stand-in for CLIP's pretraining; the rest of the recipe is unchanged.
+This stage trains the vision tower alone, with throw-away linear heads, to classify every patch by the object that
+covers it (colour x shape, or background), from the generator's exact masks, and optionally (``--box-loss-weight``)
+to regress that object's box from each of its patches. The box term is there because a trigger that attends to
+the right object's patches reads the mean of their features: without it that mean says where the object's centre
+is but not where its edges are (a lone object's size can be read from how many patches look like an object; among
+several objects it cannot). The heads are discarded; the tower is saved with `save_pretrained` and loaded into a
+new model by ``"vision_tower_init"`` of the training config's ``model`` section. It is our stand-in for CLIP's
+pretraining; the rest of the recipe is unchanged.
 
     python -m nextchat.training.vision_pretrain training/configs/shapes_tiny.json runs/vision_tower --time-budget 60
 """
@@ -26,6 +30,17 @@ import torch
 from torch import nn
 
 
+def _patch_owners(objects: list[dict], rows: int, cols: int, patch_size: int, min_pixels: int) -> np.ndarray:
+    """`(rows, cols)` index of the object with the most pixels in each patch if it has at least `min_pixels`
+    there, else -1 (background)."""
+    counts = np.zeros((len(objects) + 1, rows, cols))
+    counts[0] = min_pixels - 0.5  # background wins unless an object reaches min_pixels
+    for k, obj in enumerate(objects):
+        mask = obj["mask"][: rows * patch_size, : cols * patch_size]
+        counts[k + 1] = mask.reshape(rows, patch_size, cols, patch_size).sum(axis=(1, 3))
+    return counts.argmax(axis=0) - 1
+
+
 def patch_labels(objects: list[dict], height: int, width: int, patch_size: int, min_pixels: int = 8) -> np.ndarray:
     """Row-major per-patch class ids of a rendered scene (`objects` from `render_scene`).
 
@@ -36,22 +51,28 @@ def patch_labels(objects: list[dict], height: int, width: int, patch_size: int, 
 
     colors = list(COLORS)
     rows, cols = height // patch_size, width // patch_size
-    background = len(COLORS) * len(SHAPES)
-    counts = np.zeros((len(objects) + 1, rows, cols))
-    counts[0] = min_pixels - 0.5  # background wins unless an object reaches min_pixels
+    owner = _patch_owners(objects, rows, cols, patch_size, min_pixels)
+    labels = np.full((rows, cols), len(COLORS) * len(SHAPES), dtype=np.int64)
     for k, obj in enumerate(objects):
-        mask = obj["mask"][: rows * patch_size, : cols * patch_size]
-        counts[k + 1] = mask.reshape(rows, patch_size, cols, patch_size).sum(axis=(1, 3))
-    winner = counts.argmax(axis=0)
-    labels = np.full((rows, cols), background, dtype=np.int64)
-    for k, obj in enumerate(objects):
-        labels[winner == k + 1] = colors.index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
+        labels[owner == k] = colors.index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
     return labels.reshape(-1)
+
+
+def patch_boxes(objects: list[dict], height: int, width: int, patch_size: int, min_pixels: int = 8) -> np.ndarray:
+    """Row-major per-patch box of the object that owns the patch (the same owner as `patch_labels`), as xyxy
+    divided by the image width/height; zeros on background patches. Returns float32 `(num_patches, 4)`."""
+    rows, cols = height // patch_size, width // patch_size
+    owner = _patch_owners(objects, rows, cols, patch_size, min_pixels)
+    boxes = np.zeros((rows, cols, 4), dtype=np.float32)
+    for k, obj in enumerate(objects):
+        boxes[owner == k] = np.asarray(obj["box"], dtype=np.float32) / np.array([width, height, width, height])
+    return boxes.reshape(-1, 4)
 
 
 class ShapesPatchDataset(torch.utils.data.Dataset):
     """Scenes of `render_scene(seed)` for `seed` in `seeds`, drawn on access (deterministic per seed), as
-    `{"pixel_values": (3, H, W), "labels": (num_patches,)}` with the CLIP preprocessing of `image_processor`."""
+    `{"pixel_values": (3, H, W), "labels": (num_patches,), "boxes": (num_patches, 4)}` with the CLIP preprocessing
+    of `image_processor` (see `patch_labels` and `patch_boxes`)."""
 
     def __init__(self, seeds, image_processor, patch_size: int, min_pixels: int = 8, **scene_kwargs):
         self.seeds = list(seeds)
@@ -69,48 +90,79 @@ class ShapesPatchDataset(torch.utils.data.Dataset):
         image, objects = render_scene(self.seeds[index], **self.scene_kwargs)
         pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
         labels = patch_labels(objects, image.height, image.width, self.patch_size, self.min_pixels)
-        return {"pixel_values": pixel_values, "labels": torch.from_numpy(labels)}
+        boxes = patch_boxes(objects, image.height, image.width, self.patch_size, self.min_pixels)
+        return {"pixel_values": pixel_values, "labels": torch.from_numpy(labels), "boxes": torch.from_numpy(boxes)}
 
 
 class PatchClassifier(nn.Module):
-    """A vision tower and a linear head over its patch features (layer `feature_layer`, class token dropped, as
-    NExT-Chat reads them). `forward` returns `{"loss", "logits": (batch, num_patches, num_classes)}`; background
-    patches weigh `background_weight` in the cross-entropy (most patches are background)."""
+    """A vision tower and linear heads over its patch features (layer `feature_layer`, class token dropped, as
+    NExT-Chat reads them).
+
+    `forward(pixel_values, labels=None, boxes=None)` returns `{"loss", "logits": (batch, num_patches, num_classes),
+    "pred_boxes": (batch, num_patches, 4)}` (`pred_boxes` only with `box_loss_weight` > 0). The loss is the
+    cross-entropy of the patch classes, background patches weighing `background_weight` (most patches are
+    background), plus `box_loss_weight` x the L1 distance (summed over the 4 coordinates, averaged over object
+    patches) between each object patch's box head and the box of its object — so that a patch feature says where
+    its object ends, not only what it is and where the patch is."""
 
     def __init__(self, vision_tower: nn.Module, num_classes: int, feature_layer: int = -2,
-                 background_weight: float = 0.2):
+                 background_weight: float = 0.2, box_loss_weight: float = 0.0):
         super().__init__()
         self.vision_tower = vision_tower
         self.head = nn.Linear(vision_tower.config.hidden_size, num_classes)
+        self.box_head = nn.Linear(vision_tower.config.hidden_size, 4) if box_loss_weight > 0 else None
         self.feature_layer = feature_layer
         self.background_weight = background_weight
+        self.box_loss_weight = box_loss_weight
 
-    def forward(self, pixel_values, labels=None, **kwargs):
+    def forward(self, pixel_values, labels=None, boxes=None, **kwargs):
         hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer][:, 1:]
         logits = self.head(hidden)
         out = {"logits": logits}
+        if self.box_head is not None:
+            out["pred_boxes"] = self.box_head(hidden)
         if labels is not None:
-            weight = torch.where(labels == logits.shape[-1] - 1, self.background_weight, 1.0).to(logits.dtype)
+            background = labels == logits.shape[-1] - 1
+            weight = torch.where(background, self.background_weight, 1.0).to(logits.dtype)
             ce = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
             out["loss"] = (ce * weight.flatten()).sum() / weight.sum()
+            if self.box_head is not None and boxes is not None:
+                on_object = (~background).to(logits.dtype)
+                l1 = (out["pred_boxes"] - boxes.to(logits.dtype)).abs().sum(-1)
+                out["box_loss"] = (l1 * on_object).sum() / on_object.sum().clamp(min=1)
+                out["loss"] = out["loss"] + self.box_loss_weight * out["box_loss"]
         return out
 
 
 @torch.no_grad()
-def object_patch_accuracy(classifier: PatchClassifier, dataset: ShapesPatchDataset, batch_size: int = 100) -> float:
-    """Fraction of object (non-background) patches whose colour and shape are both predicted right."""
+def object_patch_metrics(classifier: PatchClassifier, dataset: ShapesPatchDataset, batch_size: int = 100) -> dict:
+    """On the object (non-background) patches of `dataset`: `accuracy`, the fraction whose colour and shape are both
+    predicted right, and, with a box head, `box_error`, the mean absolute error of the predicted box coordinates
+    (as fractions of the image size)."""
     classifier.eval()
     hits = total = 0
+    box_error = 0.0
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         pixel_values = torch.stack([item["pixel_values"] for item in items])
         labels = torch.stack([item["labels"] for item in items])
-        predicted = classifier(pixel_values.to(classifier.head.weight.dtype))["logits"].argmax(-1)
+        out = classifier(pixel_values.to(classifier.head.weight.dtype))
         on_object = labels != classifier.head.out_features - 1
-        hits += int((predicted == labels)[on_object].sum())
+        hits += int((out["logits"].argmax(-1) == labels)[on_object].sum())
         total += int(on_object.sum())
+        if "pred_boxes" in out:
+            boxes = torch.stack([item["boxes"] for item in items])
+            box_error += float((out["pred_boxes"].float() - boxes).abs()[on_object].sum())
     classifier.train()
-    return hits / max(total, 1)
+    metrics = {"accuracy": hits / max(total, 1)}
+    if classifier.box_head is not None:
+        metrics["box_error"] = box_error / max(4 * total, 1)
+    return metrics
+
+
+def object_patch_accuracy(classifier: PatchClassifier, dataset: ShapesPatchDataset, batch_size: int = 100) -> float:
+    """Fraction of object (non-background) patches whose colour and shape are both predicted right."""
+    return object_patch_metrics(classifier, dataset, batch_size)["accuracy"]
 
 
 def build_vision_tower(config: dict, root: str = "."):
@@ -148,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--eval-num", type=int, default=300, help="held-out scenes for the printed accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="per process")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--box-loss-weight", type=float, default=0.0,
+                        help="also regress each object patch onto its object's box (L1, this weight); 0: classes only")
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--logging-steps", type=int, default=50)
     parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
@@ -159,7 +213,8 @@ def main(argv=None):
     if config.get("torch_num_threads"):
         torch.set_num_threads(int(config["torch_num_threads"]))
     tower, processor, nextchat_config = build_vision_tower(config, root)
-    classifier = PatchClassifier(tower, len(COLORS) * len(SHAPES) + 1, nextchat_config.vision_feature_layer)
+    classifier = PatchClassifier(tower, len(COLORS) * len(SHAPES) + 1, nextchat_config.vision_feature_layer,
+                                 box_loss_weight=args.box_loss_weight)
     patch = nextchat_config.vision_config.patch_size
     height, width = processor.image_processor.crop_height_width  # scenes drawn at the model's input size
     scene = {"height": height, "width": width}
@@ -178,13 +233,17 @@ def main(argv=None):
     trainer = NextChatTrainer(model=classifier, args=training_args, train_dataset=train, time_budget_s=args.time_budget)
     trainer.train()
     if trainer.is_world_process_zero():
-        accuracy = object_patch_accuracy(classifier, held_out)
+        metrics = object_patch_metrics(classifier, held_out)
         tower.save_pretrained(args.output_dir)
+        summary = {"object_patch_accuracy": metrics["accuracy"], "steps": trainer.state.global_step}
+        if "box_error" in metrics:
+            summary["object_patch_box_error_px"] = metrics["box_error"] * width
         with open(os.path.join(args.output_dir, "vision_pretrain_metrics.json"), "w") as f:
-            json.dump({"object_patch_accuracy": accuracy, "steps": trainer.state.global_step,
-                       "log_history": trainer.state.log_history}, f, indent=1)
+            json.dump({**summary, "log_history": trainer.state.log_history}, f, indent=1)
+        boxes = (f", box coordinates off by {summary['object_patch_box_error_px']:.2f} px on average"
+                 if "box_error" in metrics else "")
         print(f"[vision_pretrain] object-patch accuracy (colour and shape) on {len(held_out)} held-out scenes: "
-              f"{accuracy:.3f}; vision tower saved to {args.output_dir}")
+              f"{metrics['accuracy']:.3f}{boxes}; vision tower saved to {args.output_dir}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
