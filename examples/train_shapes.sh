@@ -8,12 +8,14 @@
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
 # can be answered by copying an earlier turn's box: measured worse); written by two processes in parallel (~30 s).
-# Stage 0 (90 s): the vision tower alone learns to name the object under every patch (colour x shape) from the
-# generator's masks, our stand-in for CLIP pretraining (see nextchat/training/vision_pretrain.py for why).
-# Phase 1 (stage "full" without SAM inputs, 510 s, starting from that tower): CLIP, projector, LLaMA and the box
-# heads, reading the data in file order (train_sampling_strategy "sequential"), so the warm-up comes first.
-# Phase 2 (stage "sam", 200 s): seg_prompt_mlp and SAM with everything else frozen — the original's recipe
-# (stages 1-2, then the mask stage 3), except that all of SAM trains because it is not pretrained here.
+# Stage 0 (90 s): the vision tower alone learns to name the object under every patch (colour x shape) and to
+# regress that object's box, from the generator's masks: our stand-in for CLIP pretraining (see
+# nextchat/training/vision_pretrain.py for why).
+# Phase 1 (stage "stage2", 510 s, starting from that tower): projector, LLaMA and the box heads with CLIP frozen,
+# as in the original's stages 1-2, reading the data in file order (train_sampling_strategy "sequential"), so the
+# warm-up comes first.
+# Phase 2 (stage "sam", 230 s, batches of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
+# original's mask stage 3, except that all of SAM trains because it is not pretrained here.
 # Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each); the learning-rate decay of
 # each runs over its wall-clock budget, so a slower or shared machine trains fewer steps, not longer.
 set -euo pipefail
@@ -29,7 +31,7 @@ $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --si
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --time-budget "${VISION_S:-90}" \
-    --max-steps 100000
+    --max-steps 100000 --box-loss-weight 1
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
     --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
@@ -40,7 +42,7 @@ $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.trai
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny_masks.json" \
     --set model.pretrained="\"$RUNS/shapes_tiny/phase1/final\"" \
-    --set data.train="\"$DATA/train/data.jsonl\"" --set time_budget_s="${PHASE2_S:-200}" \
+    --set data.train="\"$DATA/train/data.jsonl\"" --set time_budget_s="${PHASE2_S:-230}" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase2\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/final\""
 end=$(date +%s)
