@@ -104,8 +104,8 @@ def main(argv=None):
               "answer.")
     elif shipped:
         print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it puts boxes on the "
-              "objects and usually on the one a phrase names, but often gets an object's shape wrong, and its masks "
-              "are only as good as its boxes (scores in examples/tiny-nextchat-shapes/README.md).")
+              "objects and, seven times in ten, on the one a phrase names; it often gets an object's shape wrong, and "
+              "its masks are only as good as its boxes (scores in examples/tiny-nextchat-shapes/README.md).")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
     for k, entity in enumerate(result["entities"]):
