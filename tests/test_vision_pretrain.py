@@ -29,6 +29,13 @@ SPEC = {
 BACKGROUND = len(COLORS) * len(SHAPES)
 
 
+def fresh_tower(image_size):
+    """A from-scratch vision tower of SPEC for `image_size`-px shapes scenes (8-px patches)."""
+    config = {"model": {"processor": {"shapes": {"image_size": image_size, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC}}
+    return build_vision_tower(config)[0]
+
+
 def klass(color, shape):
     return list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
 
@@ -80,9 +87,7 @@ def test_dataset_is_deterministic_and_matches_the_scene():
 
 def test_classifier_loss_weights_background_patches():
     processor = build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None)
-    config = {"model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
-                        "scratch": SPEC}}
-    tower, _, _ = build_vision_tower(config)
+    tower = fresh_tower(IMAGE)
     classifier = PatchClassifier(tower, BACKGROUND + 1, background_weight=0.25)
     pixel_values = torch.randn(2, 3, IMAGE, IMAGE)
     labels = torch.full((2, 16), BACKGROUND)
@@ -96,9 +101,7 @@ def test_classifier_loss_weights_background_patches():
 
 
 def test_box_loss_is_the_mean_l1_over_object_patches():
-    config = {"model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
-                        "scratch": SPEC}}
-    tower, _, _ = build_vision_tower(config)
+    tower = fresh_tower(IMAGE)
     classifier = PatchClassifier(tower, BACKGROUND + 1, background_weight=0.25, box_loss_weight=2.0)
     pixel_values = torch.randn(2, 3, IMAGE, IMAGE)
     labels = torch.full((2, 16), BACKGROUND)
@@ -161,9 +164,7 @@ def test_object_patch_accuracy_equals_a_per_patch_loop():
     from nextchat.training.vision_pretrain import object_patch_accuracy
 
     processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
-    config = {"model": {"processor": {"shapes": {"image_size": 64, "patch_size": 8, "sam_image_size": None}},
-                        "scratch": SPEC}}
-    tower, _, _ = build_vision_tower(config)
+    tower = fresh_tower(64)
     classifier = PatchClassifier(tower, BACKGROUND + 1)
     with torch.no_grad():  # make some object patches right: bias the head towards the most common classes
         classifier.head.bias[klass("red", "square")] += 3.0
@@ -185,9 +186,7 @@ def test_object_patch_box_error_equals_a_per_patch_loop():
     from nextchat.training.vision_pretrain import object_patch_metrics
 
     processor = build_shapes_processor(image_size=64, patch_size=8, sam_image_size=None)
-    config = {"model": {"processor": {"shapes": {"image_size": 64, "patch_size": 8, "sam_image_size": None}},
-                        "scratch": SPEC}}
-    tower, _, _ = build_vision_tower(config)
+    tower = fresh_tower(64)
     classifier = PatchClassifier(tower, BACKGROUND + 1, box_loss_weight=1.0)
     dataset = ShapesPatchDataset(range(12), processor.image_processor, patch_size=8)
     errors = []

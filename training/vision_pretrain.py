@@ -41,32 +41,39 @@ def _patch_owners(objects: list[dict], rows: int, cols: int, patch_size: int, mi
     return counts.argmax(axis=0) - 1
 
 
+def _labels_of(objects: list[dict], owner: np.ndarray) -> np.ndarray:
+    from .synthetic import COLORS, SHAPES
+
+    colors = list(COLORS)
+    labels = np.full(owner.shape, len(COLORS) * len(SHAPES), dtype=np.int64)
+    for k, obj in enumerate(objects):
+        labels[owner == k] = colors.index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
+    return labels.reshape(-1)
+
+
+def _boxes_of(objects: list[dict], owner: np.ndarray, height: int, width: int) -> np.ndarray:
+    boxes = np.zeros(owner.shape + (4,), dtype=np.float32)
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    for k, obj in enumerate(objects):
+        boxes[owner == k] = np.asarray(obj["box"], dtype=np.float32) / scale
+    return boxes.reshape(-1, 4)
+
+
 def patch_labels(objects: list[dict], height: int, width: int, patch_size: int, min_pixels: int = 8) -> np.ndarray:
     """Row-major per-patch class ids of a rendered scene (`objects` from `render_scene`).
 
     A patch takes the class of the object with the most pixels in it, `color_index * len(SHAPES) + shape_index`,
     if that object covers at least `min_pixels` of it; otherwise it is background, class `len(COLORS) * len(SHAPES)`.
     Returns an int64 array of shape `(height // patch_size * width // patch_size,)`."""
-    from .synthetic import COLORS, SHAPES
-
-    colors = list(COLORS)
-    rows, cols = height // patch_size, width // patch_size
-    owner = _patch_owners(objects, rows, cols, patch_size, min_pixels)
-    labels = np.full((rows, cols), len(COLORS) * len(SHAPES), dtype=np.int64)
-    for k, obj in enumerate(objects):
-        labels[owner == k] = colors.index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
-    return labels.reshape(-1)
+    owner = _patch_owners(objects, height // patch_size, width // patch_size, patch_size, min_pixels)
+    return _labels_of(objects, owner)
 
 
 def patch_boxes(objects: list[dict], height: int, width: int, patch_size: int, min_pixels: int = 8) -> np.ndarray:
     """Row-major per-patch box of the object that owns the patch (the same owner as `patch_labels`), as xyxy
     divided by the image width/height; zeros on background patches. Returns float32 `(num_patches, 4)`."""
-    rows, cols = height // patch_size, width // patch_size
-    owner = _patch_owners(objects, rows, cols, patch_size, min_pixels)
-    boxes = np.zeros((rows, cols, 4), dtype=np.float32)
-    for k, obj in enumerate(objects):
-        boxes[owner == k] = np.asarray(obj["box"], dtype=np.float32) / np.array([width, height, width, height])
-    return boxes.reshape(-1, 4)
+    owner = _patch_owners(objects, height // patch_size, width // patch_size, patch_size, min_pixels)
+    return _boxes_of(objects, owner, height, width)
 
 
 class ShapesPatchDataset(torch.utils.data.Dataset):
@@ -89,8 +96,9 @@ class ShapesPatchDataset(torch.utils.data.Dataset):
 
         image, objects = render_scene(self.seeds[index], **self.scene_kwargs)
         pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        labels = patch_labels(objects, image.height, image.width, self.patch_size, self.min_pixels)
-        boxes = patch_boxes(objects, image.height, image.width, self.patch_size, self.min_pixels)
+        rows, cols = image.height // self.patch_size, image.width // self.patch_size
+        owner = _patch_owners(objects, rows, cols, self.patch_size, self.min_pixels)  # once for both targets
+        labels, boxes = _labels_of(objects, owner), _boxes_of(objects, owner, image.height, image.width)
         return {"pixel_values": pixel_values, "labels": torch.from_numpy(labels), "boxes": torch.from_numpy(boxes)}
 
 
