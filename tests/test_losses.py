@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nextchat.loss_nextchat import generalized_box_iou, mask_losses
-from tiny_models import BOXES, TRIGGER, image_block, images, pad_boxes, pad_rows, sam_images, tiny_model
+from tiny_models import BOXES, IMAGE_PATCH, TRIGGER, image_block, images, pad_boxes, pad_rows, sam_images, tiny_model
 
 
 def test_giou_hand_computed():
@@ -118,6 +118,44 @@ def test_each_term_equals_reference_on_one_sample():
     expected = lm + 2 * out.box_l1_loss + 0.2 * out.box_giou_loss + cycle_embed + cycle_box
     expected = expected + 20 * out.mask_ce_loss + out.mask_dice_loss + out.mask_iou_loss
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_grounding_attention_term_equals_reference():
+    """-log of the head-averaged attention mass of each assistant trigger on the patches of its box, by hand."""
+    sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
+                  box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
+    # 2x2 patch grid (centres at 0.25 and 0.75), row-major. Box 1 [0.2, 0.1, 0.7, 0.9] holds the centres of the
+    # left column (patches 0 and 2); box 2 [0.0, 0.3, 0.4, 0.5] holds no centre, its own centre (0.2, 0.4) lies in
+    # patch 0.
+    targets = [[0, 2], [0]]
+    patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
+    assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
+    for layers, expected_layers in ((None, [1]), ([0, -1], [0, 1])):
+        model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=0.5, grounding_attention_layers=layers)
+        model.set_attn_implementation("eager")
+        out = model(**sample)
+        reference = 0.0
+        for layer in expected_layers:
+            attention = out.attentions[layer][0].mean(0)  # heads averaged: (seq, seq)
+            for column, patches in zip(assistant_columns, targets):
+                mass = sum(attention[column, patch_columns[p]] for p in patches)
+                reference = reference - torch.log(mass + 1e-6)
+        reference = reference / (len(expected_layers) * len(assistant_columns))
+        torch.testing.assert_close(out.grounding_attention_loss, reference)
+        without = tiny_model(sam=False, seed=3)
+        without.set_attn_implementation("eager")
+        torch.testing.assert_close(out.loss, without(**sample).loss + 0.5 * reference)
+        assert without(**sample).grounding_attention_loss is None  # weight 0 (the default): no term, parity
+
+
+def test_grounding_attention_term_asks_for_eager_attention():
+    model = tiny_model(sam=False, grounding_attention_loss_weight=1.0)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="eager"):
+        model(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
+              box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
+    with pytest.raises(ValueError, match="grounding_attention_layers"):
+        tiny_model(sam=False, grounding_attention_layers=[2])  # the tiny LM has layers 0 and 1
 
 
 def batch_inputs(rows_and_boxes):
