@@ -21,7 +21,9 @@ Tasks (one conversation may hold several turns of different tasks, sharing the i
   (the box carries its mask).
 * ``reg`` (region caption, user box -> phrase): "What is in [0]?" -> "A red circle."
 * ``gc`` (grounded caption, several boxes in one answer): "Describe the image with object locations." ->
-  "There are three objects: a red circle [0], a blue square [1] and a green diamond [2]." (objects left to right)
+  "There are three objects: a red circle [0], a blue square [1] and a green diamond [2]." (objects in a random
+  order: in a fixed one, such as left to right, the k-th box can be found by position without reading the name,
+  and a model that learns that shortcut was measured to stop learning to find objects by name for REC)
 
 The JSONL dataset format (read by :class:`nextchat.training.data.NextChatJsonlDataset`)
 ------------------------------------------------------------------------------------
@@ -208,9 +210,10 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def gc_answer(objects: list[dict], ref) -> str:
-    """Grounded caption listing objects left to right; `ref(k)` gives the reference string of object k."""
-    order = sorted(range(len(objects)), key=lambda k: (objects[k]["box"][0] + objects[k]["box"][2], objects[k]["box"][1]))
+def gc_answer(objects: list[dict], ref, rng: np.random.Generator) -> str:
+    """Grounded caption listing the objects in an order drawn from `rng`; `ref(k)` gives the reference string of
+    object k."""
+    order = rng.permutation(len(objects)).tolist()
     parts = [f"a {phrase(objects[k])} {ref(k)}" for k in order]
     n = len(objects)
     head = "There is one object: " if n == 1 else f"There are {NUMBER_WORDS.get(n, str(n))} objects: "
@@ -257,7 +260,7 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
         else:
             used_gc = True
             question = GC_TEMPLATES[rng.integers(len(GC_TEMPLATES))]
-            answer = gc_answer(objects, ref)
+            answer = gc_answer(objects, ref, rng)
             queries.append({"task": task, "object": None})
         if turn == 0:
             question = "<image> " + question
