@@ -160,6 +160,21 @@ def test_records_masks_rle_and_references(data_dir):
         assert record["conversations"][0]["content"].startswith("<image>")
 
 
+def test_grounded_captions_name_each_object_once_at_its_box_in_no_fixed_order():
+    left_to_right = []
+    for seed in range(60):
+        _, record = make_sample(seed, tasks=("gc",), min_turns=1, max_turns=1, min_objects=2)
+        named = re.findall(r"a (\w+) (\w+) \[(\d+)\]", record["conversations"][1]["content"])
+        by_name = {(o["color"], o["shape"]): o["box"] for o in record["objects"]}
+        assert sorted((c, s) for c, s, _ in named) == sorted(by_name)  # every object, once
+        for color, shape, index in named:
+            assert record["boxes"][int(index)] == by_name[(color, shape)]
+        x_centres = [by_name[(c, s)][0] + by_name[(c, s)][2] for c, s, _ in named]
+        left_to_right.append(x_centres == sorted(x_centres))
+    # a fixed (e.g. left-to-right) order would let the k-th box be found by position instead of by name
+    assert 0.2 < np.mean(left_to_right) < 0.8
+
+
 def test_referring_queries_have_distractors_at_least_half_the_time():
     records = [make_sample(seed)[1] for seed in range(300)]
     assert distractor_fraction(records) >= 0.5
@@ -310,7 +325,7 @@ def test_stage3_preset_trains_exactly_seg_prompt_mlp_and_mask_decoder(processor,
     assert sorted(trainable_parameter_names(model)) == expected and expected
     config = model.config
     for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
-                 "cycle_box_loss_weight"):
+                 "cycle_box_loss_weight", "grounding_attention_loss_weight"):
         assert getattr(config, name) == 0.0
     assert options == {"use_masks": True, "return_sam_pixel_values": True}
     # the loss is the mask loss alone, and only the trainable parameters receive gradients
@@ -467,6 +482,35 @@ def test_train_entry_point_loss_falls_and_checkpoint_loads_remotely(tmp_path):
     checkpoint = NextChatForConditionalGeneration.from_pretrained(str(tmp_path / "out" / "checkpoint-20"))
     for (n, a), (_, b) in zip(final.state_dict().items(), checkpoint.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
+    """With the term on, the entry point switches the LM to eager attention, logs the term, and training on it
+    alone moves each trigger's attention onto its target (the term falls)."""
+    from nextchat.training.train import run
+
+    zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
+                                   "cycle_embed_loss_weight", "cycle_box_loss_weight")}
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
+        "stage": "stage2",
+        "loss_weights": {**zero, "grounding_attention_loss_weight": 1.0},
+        "training_config": {"grounding_attention_layers": [-1]},
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, **SCENE}},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
+                          "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
+                          "disable_tqdm": True, "use_cpu": True},
+    }
+    for bad in ({"training_config": {"box_decoder_activation": None}}, {"loss_weights": {"sam_box_prompt": 1}}):
+        with pytest.raises(ValueError, match="training_config|loss weight"):
+            run({**config, **bad}, root=str(tmp_path))
+    trainer, model, _ = run(config, root=str(tmp_path))
+    assert model.config.grounding_attention_layers == [-1]
+    assert model.model.language_model.config._attn_implementation == "eager"
+    terms = [h["grounding_attention_loss"] for h in trainer.state.log_history if "grounding_attention_loss" in h]
+    assert len(terms) == 30
+    assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
 
 
 def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path):
