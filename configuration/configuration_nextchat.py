@@ -95,6 +95,10 @@ class NextChatConfig(PreTrainedConfig):
         grounding_attention_layers (`list[int]` or `None`, *optional*, defaults to `None`):
             Language-model layers (negative indices count from the end) the term above supervises; `None`: every
             layer but the first, whose trigger query cannot depend on the phrase yet.
+        sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
+            The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
+            `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
+            scratch learns masks from right boxes). Generation always prompts with the predicted box.
         mask_loss_type (`str`, *optional*, defaults to `"focal"`):
             `"focal"`: the original's focal term on the per-mask mean BCE; `"bce"`: plain per-pixel BCE.
         mask_ce_loss_weight, mask_dice_loss_weight, mask_iou_loss_weight (`float`): weights of the mask
@@ -135,6 +139,7 @@ class NextChatConfig(PreTrainedConfig):
     cycle_box_loss_weight: float = 1.0
     grounding_attention_loss_weight: float = 0.0
     grounding_attention_layers: list[int] | None = None
+    sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
     mask_ce_loss_weight: float = 20.0
@@ -215,6 +220,8 @@ class NextChatConfig(PreTrainedConfig):
                     f"`grounding_attention_layers`={self.grounding_attention_layers!r} must be a non-empty list of "
                     f"layer indices of the language model ({layers} layers: -{layers}..{layers - 1})"
                 )
+        if self.sam_box_prompt not in ("predicted", "target"):
+            raise ValueError(f"`sam_box_prompt` must be 'predicted' or 'target', got {self.sam_box_prompt!r}")
         if self.mask_loss_type not in _MASK_LOSS_TYPES:
             raise ValueError(f"`mask_loss_type` must be one of {_MASK_LOSS_TYPES}, got {self.mask_loss_type!r}")
         if self.sam_config is not None:

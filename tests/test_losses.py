@@ -124,9 +124,9 @@ def test_grounding_attention_term_equals_reference():
     """-log of the head-averaged attention mass of each assistant trigger on the patches of its box, by hand."""
     sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
                   box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
-    # 2x2 patch grid (centres at 0.25 and 0.75), row-major. Box 1 [0.2, 0.1, 0.7, 0.9] holds the centres of the
-    # left column (patches 0 and 2); box 2 [0.0, 0.3, 0.4, 0.5] holds no centre, its own centre (0.2, 0.4) lies in
-    # patch 0.
+    # 2x2 patch grid (centres at 0.25 and 0.75), row-major. The answer's boxes: 1 [0.2, 0.1, 0.7, 0.9] holds the
+    # centres of the left column (patches 0 and 2); 2 [0.0, 0.3, 0.4, 0.5] holds no centre, its own centre
+    # (0.2, 0.4) lies in patch 0. The prompt's trigger (a user box) has no target and does not count.
     targets = [[0, 2], [0]]
     patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
     assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
@@ -156,6 +156,25 @@ def test_grounding_attention_term_asks_for_eager_attention():
               box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
     with pytest.raises(ValueError, match="grounding_attention_layers"):
         tiny_model(sam=False, grounding_attention_layers=[2])  # the tiny LM has layers 0 and 1
+
+
+def test_target_box_prompt_feeds_sam_the_ground_truth_box_of_assistant_triggers():
+    """With `sam_box_prompt="target"` an assistant trigger's mask no longer depends on its decoded box (changing
+    `loc_decoder` leaves it unchanged) while the user trigger's still does; "predicted" depends on it everywhere."""
+    sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
+                  box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1), sam_pixel_values=sam_images(1))
+    masks = {}
+    for mode in ("predicted", "target"):
+        for shifted in (False, True):
+            model = tiny_model(sam=True, seed=4, sam_box_prompt=mode)
+            if shifted:
+                with torch.no_grad():
+                    model.loc_decoder[2].bias.add_(0.3)
+            masks[mode, shifted] = model(**sample).pred_masks
+    user, assistant = [0], [1, 2]  # the prompt's trigger, then the answer's two
+    torch.testing.assert_close(masks["target", True][assistant], masks["target", False][assistant])
+    assert not torch.allclose(masks["target", True][user], masks["target", False][user])
+    assert not torch.allclose(masks["predicted", True][assistant], masks["predicted", False][assistant])
 
 
 def batch_inputs(rows_and_boxes):
