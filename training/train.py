@@ -17,6 +17,8 @@ Config keys (see `training/configs/*.json` for complete examples):
   },
   "stage": "full" | "stage1" | "stage2" | "stage3",
   "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides on the config, applied after the stage
+  "training_config": {"sam_box_prompt": "target", ...},   # optional: other training-time NextChatConfig fields
+                                                 # (grounding_attention_layers, sam_box_prompt), likewise
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -44,6 +46,9 @@ import os
 import sys
 
 import torch
+
+# NextChatConfig fields that only change how a model trains, settable by a config's "training_config"
+TRAINING_CONFIG_FIELDS = ("grounding_attention_layers", "sam_box_prompt")
 
 
 def _resolve(path, root):
@@ -199,9 +204,17 @@ def run(config: dict, root: str = "."):
     model = build_model(model_spec, processor, root)
     stage_options = apply_stage_preset(model, config.get("stage", "full"))
     for name, value in (config.get("loss_weights") or {}).items():
-        if not hasattr(model.config, name):
+        if not name.endswith("_loss_weight") or not hasattr(model.config, name):
             raise ValueError(f"config: unknown loss weight {name!r}")
         setattr(model.config, name, value)
+    for name, value in (config.get("training_config") or {}).items():
+        if name not in TRAINING_CONFIG_FIELDS:
+            raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
+        setattr(model.config, name, value)
+    model.config.check_consistency()
+    if model.config.grounding_attention_loss_weight:
+        # the grounding-attention term reads attention probabilities, which only eager attention returns
+        model.model.language_model.set_attn_implementation("eager")
     if config.get("lora"):
         model = apply_lora(model, **config["lora"])
 

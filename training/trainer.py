@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback
 LOSS_ITEM_KEYS = ("tokens", "boxes", "input_boxes", "masks")
 LOSS_TERMS = (
     "lm_loss", "box_l1_loss", "box_giou_loss", "cycle_embed_loss", "cycle_box_loss", "mask_ce_loss",
-    "mask_dice_loss", "mask_iou_loss",
+    "mask_dice_loss", "mask_iou_loss", "grounding_attention_loss",
 )
 
 
