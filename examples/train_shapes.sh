@@ -13,9 +13,11 @@
 # nextchat/training/vision_pretrain.py for why).
 # Phase 1 (stage "stage2", 510 s, starting from that tower): projector, LLaMA and the box heads with CLIP frozen,
 # as in the original's stages 1-2, reading the data in file order (train_sampling_strategy "sequential"), so the
-# warm-up comes first.
+# warm-up comes first; plus the grounding-attention term (not in the original: each answer trigger is asked to
+# attend to its object's patches, which a from-scratch model otherwise learns last).
 # Phase 2 (stage "sam", 230 s, batches of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
-# original's mask stage 3, except that all of SAM trains because it is not pretrained here.
+# original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
+# prompted with the ground-truth box in training (`sam_box_prompt` "target"; generation uses the predicted one).
 # Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each); the learning-rate decay of
 # each runs over its wall-clock budget, so a slower or shared machine trains fewer steps, not longer.
 set -euo pipefail
