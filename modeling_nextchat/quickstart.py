@@ -103,9 +103,9 @@ def main(argv=None):
         print("NOTE: tiny model with RANDOM weights — the boxes below exercise the pipeline, they are not a trained "
               "answer.")
     elif shipped:
-        print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it puts boxes on the "
-              "objects and, seven times in ten, on the one a phrase names; it often gets an object's shape wrong, and "
-              "its masks are only as good as its boxes (scores in examples/tiny-nextchat-shapes/README.md).")
+        print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it boxes and segments "
+              "the object a phrase names (nineteen times in twenty) and finds most objects when it describes a "
+              "scene, but it often names an object wrongly (scores in examples/tiny-nextchat-shapes/README.md).")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
     for k, entity in enumerate(result["entities"]):

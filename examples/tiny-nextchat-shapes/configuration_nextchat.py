@@ -86,6 +86,19 @@ class NextChatConfig(PreTrainedConfig):
         lm_loss_weight, box_l1_loss_weight, box_giou_loss_weight, cycle_embed_loss_weight,
         cycle_box_loss_weight (`float`): weights of the language-modelling and box loss terms. The defaults
             are the original's: CE + 2·L1 + 0.2·(1−GIoU) + MSE cycle + L1 cycle.
+        grounding_attention_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a training-only term that is not in the original: `−log` of the attention mass (averaged
+            over heads) that each assistant `<at>` puts on the image patches inside its target box, in the layers
+            `grounding_attention_layers`. It teaches the trigger to look at the object it names — what a model
+            trained from scratch learns last. 0 keeps parity; > 0 needs attention probabilities, so the language
+            model must run with `attn_implementation="eager"`.
+        grounding_attention_layers (`list[int]` or `None`, *optional*, defaults to `None`):
+            Language-model layers (negative indices count from the end) the term above supervises; `None`: every
+            layer but the first, whose trigger query cannot depend on the phrase yet.
+        sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
+            The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
+            `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
+            scratch learns masks from right boxes). Generation always prompts with the predicted box.
         mask_loss_type (`str`, *optional*, defaults to `"focal"`):
             `"focal"`: the original's focal term on the per-mask mean BCE; `"bce"`: plain per-pixel BCE.
         mask_ce_loss_weight, mask_dice_loss_weight, mask_iou_loss_weight (`float`): weights of the mask
@@ -124,6 +137,9 @@ class NextChatConfig(PreTrainedConfig):
     box_giou_loss_weight: float = 0.2
     cycle_embed_loss_weight: float = 1.0
     cycle_box_loss_weight: float = 1.0
+    grounding_attention_loss_weight: float = 0.0
+    grounding_attention_layers: list[int] | None = None
+    sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
     mask_ce_loss_weight: float = 20.0
@@ -196,6 +212,16 @@ class NextChatConfig(PreTrainedConfig):
             raise ValueError(
                 f"`box_decoder_activation` must be one of {_BOX_DECODER_ACTIVATIONS}, got {self.box_decoder_activation!r}"
             )
+        if self.grounding_attention_layers is not None:
+            layers = self.text_config.num_hidden_layers
+            bad = [i for i in self.grounding_attention_layers if not -layers <= i < layers]
+            if bad or not self.grounding_attention_layers:
+                raise ValueError(
+                    f"`grounding_attention_layers`={self.grounding_attention_layers!r} must be a non-empty list of "
+                    f"layer indices of the language model ({layers} layers: -{layers}..{layers - 1})"
+                )
+        if self.sam_box_prompt not in ("predicted", "target"):
+            raise ValueError(f"`sam_box_prompt` must be 'predicted' or 'target', got {self.sam_box_prompt!r}")
         if self.mask_loss_type not in _MASK_LOSS_TYPES:
             raise ValueError(f"`mask_loss_type` must be one of {_MASK_LOSS_TYPES}, got {self.mask_loss_type!r}")
         if self.sam_config is not None:

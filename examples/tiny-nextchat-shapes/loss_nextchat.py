@@ -1,4 +1,5 @@
-"""Loss terms of NExT-Chat: box regression, cycle consistency and SAM mask losses.
+"""Loss terms of NExT-Chat: box regression, cycle consistency, SAM mask losses, and a grounding-attention term
+(training-only, not in the original).
 
 Every term returns a SUM over its items; the model divides by the number of items of the whole (possibly
 gradient-accumulated) batch, so that accumulating micro-batches gives the gradient of the full batch.
@@ -73,3 +74,32 @@ def mask_losses(
         actual_iou = intersection / union.clamp(min=1)
     iou = (iou_predictions.float() - actual_iou) ** 2
     return ce.sum(), dice.sum(), iou.sum()
+
+
+def box_patch_targets(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """`(K, grid_size²)` bool, row-major over the patch grid: the patches whose centre lies inside each normalised
+    xyxy box, plus the patch holding the box's centre (so that a box smaller than a patch still has one)."""
+    centres = (torch.arange(grid_size, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid_size
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    cx, cy = cx.flatten(), cy.flatten()
+    inside = (
+        (cx >= boxes[:, 0:1]) & (cx <= boxes[:, 2:3]) & (cy >= boxes[:, 1:2]) & (cy <= boxes[:, 3:4])
+    )
+    col = ((boxes[:, 0] + boxes[:, 2]) / 2 * grid_size).floor().long().clamp(0, grid_size - 1)
+    row = ((boxes[:, 1] + boxes[:, 3]) / 2 * grid_size).floor().long().clamp(0, grid_size - 1)
+    inside[torch.arange(len(boxes), device=boxes.device), row * grid_size + col] = True
+    return inside
+
+
+def grounding_attention_loss(
+    trigger_attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Summed over triggers and layers: `−log` of the head-averaged attention mass a trigger puts on its target.
+
+    Args:
+        trigger_attentions: `(L, K, H, P)` attention probabilities of K trigger rows over the P image patches, in L
+            layers with H heads each.
+        target_patches: `(K, P)` bool, the patches of each trigger's target (see `box_patch_targets`).
+    """
+    mass = (trigger_attentions.float() * target_patches[None, :, None, :]).sum(-1).mean(-1)
+    return -torch.log(mass + eps).sum()

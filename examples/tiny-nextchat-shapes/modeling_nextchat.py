@@ -5,6 +5,7 @@ The last-layer hidden state at every trigger token `<at>` is decoded by `loc_dec
 """
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
-from .loss_nextchat import box_losses, mask_losses
+from .loss_nextchat import box_losses, box_patch_targets, grounding_attention_loss, mask_losses
 
 
 IGNORE_INDEX = -100
@@ -55,7 +56,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
             input, when `sam_pixel_values` was given.
         iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
         lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
-        mask_iou_loss: the unweighted loss terms (each normalised by its own item count).
+        mask_iou_loss, grounding_attention_loss: the unweighted loss terms (each normalised by its own item count).
     """
 
     loss: torch.FloatTensor | None = None
@@ -75,6 +76,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     mask_ce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_iou_loss: torch.FloatTensor | None = None
+    grounding_attention_loss: torch.FloatTensor | None = None
 
 
 MODEL_AUTO_MAP = {
@@ -418,6 +420,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             use_cache = False  # training needs no key/value cache
         if box_inputs is not None and box_inputs_mask is None:
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
+        if labels is not None and self.config.grounding_attention_loss_weight:
+            kwargs["output_attentions"] = True
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -452,8 +456,11 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
         pred_masks = iou_scores = None
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
+            prompt_boxes = pred_boxes
+            if self.config.sam_box_prompt == "target" and labels is not None:
+                prompt_boxes = self._target_prompt_boxes(input_ids, labels, box_inputs, box_inputs_mask, pred_boxes)
             pred_masks, iou_scores = self.predict_masks(
-                sam_pixel_values, trigger_hidden, pred_boxes, trigger_positions[:, 0]
+                sam_pixel_values, trigger_hidden, prompt_boxes, trigger_positions[:, 0]
             )
         elif mask_targets is not None and self.sam is None:
             raise ValueError("`mask_targets` were given but this model has no SAM (`config.sam_config` is None)")
@@ -474,6 +481,20 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 sam_pixel_values, num_items_in_batch, logits_to_keep,
             )
         return output
+
+    def _target_prompt_boxes(self, input_ids, labels, box_inputs, box_inputs_mask, pred_boxes):
+        """`pred_boxes` with each assistant trigger's box replaced by its target (`sam_box_prompt="target"`)."""
+        positions = torch.nonzero(input_ids == self.config.trigger_token_id)
+        assistant = labels[positions[:, 0], positions[:, 1]] != IGNORE_INDEX
+        if not bool(assistant.any()):
+            return pred_boxes
+        slots = _assistant_box_slots(
+            input_ids, labels, box_inputs_mask if box_inputs is not None else None, self.config.trigger_token_id,
+            self.config.box_token_id, box_inputs=box_inputs,
+        )
+        boxes = pred_boxes.detach().clone()
+        boxes[assistant] = box_inputs[slots[:, 0], slots[:, 1]].to(boxes.dtype)
+        return boxes
 
     @staticmethod
     def count_loss_items(
@@ -553,7 +574,46 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             cycled = self.decode_boxes(self.loc_encoder(boxes))
             output.cycle_box_loss = (cycled.float() - boxes.float()).abs().sum() / (4 * normalisers["input_boxes"])
             total = total + config.cycle_box_loss_weight * output.cycle_box_loss
+
+        if config.grounding_attention_loss_weight and bool(assistant.any()):
+            # Only the triggers: also asking each `<boxes>` to look at the box it is fed (for region captions)
+            # was measured to stop the triggers from learning to find objects by name.
+            output.grounding_attention_loss = self._grounding_attention_loss(
+                output, input_ids, is_trigger[assistant], targets.float(), normalisers["boxes"]
+            )
+            total = total + config.grounding_attention_loss_weight * output.grounding_attention_loss
         output.loss = total
+
+    def _grounding_attention_loss(self, output, input_ids, queries, query_boxes, count):
+        """`grounding_attention_loss` of the `(K, 2)` (row, column) trigger `queries` over the patches of their
+        `(K, 4)` target boxes, averaged over the supervised layers and divided by `count`; a query counts only in a
+        row with one image block before it, whose patches its box is laid on."""
+        config = self.config
+        attentions = output.attentions
+        if not attentions or any(attention is None for attention in attentions):
+            raise ValueError(
+                "`grounding_attention_loss_weight` > 0 needs attention probabilities, which only eager attention "
+                "returns: load the model with `attn_implementation=\"eager\"` or call "
+                "`model.set_attn_implementation(\"eager\")`"
+            )
+        num_layers = len(attentions)
+        layers = config.grounding_attention_layers or list(range(1, num_layers)) or [0]
+        num_patches = config.image_seq_length
+        is_patch = input_ids == config.image_token_id
+        # column of each image patch of a row, in row-major patch order (a stable sort keeps the token order)
+        patch_columns = torch.sort(is_patch.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :num_patches]
+        rows, columns = queries[:, 0], queries[:, 1]
+        usable = (is_patch.sum(1)[rows] == num_patches) & (patch_columns[rows, -1] < columns)
+        rows, columns, query_boxes = rows[usable], columns[usable], query_boxes[usable]
+        patch_columns = patch_columns[rows]
+        per_layer = []
+        for layer in layers:
+            trigger_rows = attentions[layer][rows, :, columns]  # (K, heads, seq_len)
+            index = patch_columns[:, None, :].expand(-1, trigger_rows.shape[1], -1).to(trigger_rows.device)
+            per_layer.append(torch.gather(trigger_rows, 2, index))
+        targets = box_patch_targets(query_boxes, math.isqrt(num_patches))
+        summed = grounding_attention_loss(torch.stack(per_layer), targets.to(per_layer[0].device))
+        return summed / (len(layers) * count)
 
     def _mask_loss(self, output, assistant, slots, mask_targets, normalisers):
         config = self.config
