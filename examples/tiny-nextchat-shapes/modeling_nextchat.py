@@ -458,7 +458,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
             prompt_boxes = pred_boxes
             if self.config.sam_box_prompt == "target" and labels is not None:
-                prompt_boxes = self._target_prompt_boxes(input_ids, labels, box_inputs, box_inputs_mask, pred_boxes)
+                prompt_boxes = self._target_prompt_boxes(
+                    input_ids, labels, box_inputs, box_inputs_mask, trigger_positions, pred_boxes
+                )
             pred_masks, iou_scores = self.predict_masks(
                 sam_pixel_values, trigger_hidden, prompt_boxes, trigger_positions[:, 0]
             )
@@ -482,9 +484,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             )
         return output
 
-    def _target_prompt_boxes(self, input_ids, labels, box_inputs, box_inputs_mask, pred_boxes):
-        """`pred_boxes` with each assistant trigger's box replaced by its target (`sam_box_prompt="target"`)."""
-        positions = torch.nonzero(input_ids == self.config.trigger_token_id)
+    def _target_prompt_boxes(self, input_ids, labels, box_inputs, box_inputs_mask, positions, pred_boxes):
+        """`pred_boxes` of the triggers at `positions`, with each assistant trigger's box replaced by its target
+        (`sam_box_prompt="target"`)."""
         assistant = labels[positions[:, 0], positions[:, 1]] != IGNORE_INDEX
         if not bool(assistant.any()):
             return pred_boxes
@@ -601,7 +603,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         num_patches = config.image_seq_length
         is_patch = input_ids == config.image_token_id
         # column of each image patch of a row, in row-major patch order (a stable sort keeps the token order)
-        patch_columns = torch.sort(is_patch.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :num_patches]
+        patch_columns = torch.sort(is_patch.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        patch_columns = patch_columns[:, :num_patches]
         rows, columns = queries[:, 0], queries[:, 1]
         usable = (is_patch.sum(1)[rows] == num_patches) & (patch_columns[rows, -1] < columns)
         rows, columns, query_boxes = rows[usable], columns[usable], query_boxes[usable]
