@@ -454,13 +454,21 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 last_boxes = last_hidden.new_zeros((last_hidden.shape[0], 4))
             self._record_triggers(new_cache, last_is_trigger, last_boxes, last_hidden)
 
+        answers = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+            answers = self._answer_box_slots(input_ids, labels, box_inputs, box_inputs_mask, trigger_positions)
+
         pred_masks = iou_scores = None
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
             prompt_boxes = pred_boxes
-            if self.config.sam_box_prompt == "target" and labels is not None:
-                prompt_boxes = self._target_prompt_boxes(
-                    input_ids, labels, box_inputs, box_inputs_mask, trigger_positions, pred_boxes
-                )
+            if self.config.sam_box_prompt == "target" and answers is not None and answers[1] is not None:
+                assistant, slots = answers
+                prompt_boxes = pred_boxes.detach().clone()
+                prompt_boxes[assistant] = box_inputs[slots[:, 0], slots[:, 1]].to(prompt_boxes.dtype)
             pred_masks, iou_scores = self.predict_masks(
                 sam_pixel_values, trigger_hidden, prompt_boxes, trigger_positions[:, 0]
             )
@@ -479,24 +487,23 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         )
         if labels is not None:
             self._compute_losses(
-                output, input_ids, labels, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
+                output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
                 sam_pixel_values, num_items_in_batch, logits_to_keep,
             )
         return output
 
-    def _target_prompt_boxes(self, input_ids, labels, box_inputs, box_inputs_mask, positions, pred_boxes):
-        """`pred_boxes` of the triggers at `positions`, with each assistant trigger's box replaced by its target
-        (`sam_box_prompt="target"`)."""
-        assistant = labels[positions[:, 0], positions[:, 1]] != IGNORE_INDEX
+    def _answer_box_slots(self, input_ids, labels, box_inputs, box_inputs_mask, trigger_positions):
+        """Which triggers are answer (labelled) triggers, `(K,)` bool, and the `(row, slot)` in `box_inputs` of the
+        box each is trained on, `(n_answer, 2)` (None without answer triggers). Shared by SAM's target prompts and
+        the losses."""
+        assistant = labels[trigger_positions[:, 0], trigger_positions[:, 1]] != IGNORE_INDEX
         if not bool(assistant.any()):
-            return pred_boxes
+            return assistant, None
         slots = _assistant_box_slots(
             input_ids, labels, box_inputs_mask if box_inputs is not None else None, self.config.trigger_token_id,
             self.config.box_token_id, box_inputs=box_inputs,
         )
-        boxes = pred_boxes.detach().clone()
-        boxes[assistant] = box_inputs[slots[:, 0], slots[:, 1]].to(boxes.dtype)
-        return boxes
+        return assistant, slots
 
     @staticmethod
     def count_loss_items(
@@ -520,12 +527,10 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         return counts
 
     def _compute_losses(
-        self, output, input_ids, labels, trigger_hidden, box_inputs, box_inputs_mask, mask_targets, sam_pixel_values,
-        num_items_in_batch, logits_to_keep,
+        self, output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
+        sam_pixel_values, num_items_in_batch, logits_to_keep,
     ):
         config = self.config
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if logits_to_keep not in (0, None):
             raise ValueError("`labels` need logits for every position; do not pass `logits_to_keep` with them")
         local = self.count_loss_items(
@@ -544,12 +549,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         total = config.lm_loss_weight * output.lm_loss
 
         is_trigger = output.trigger_positions
-        assistant = labels[is_trigger[:, 0], is_trigger[:, 1]] != IGNORE_INDEX
-        if bool(assistant.any()):
-            slots = _assistant_box_slots(
-                input_ids, labels, box_inputs_mask if box_inputs is not None else None,
-                config.trigger_token_id, config.box_token_id, box_inputs=box_inputs,
-            )
+        assistant, slots = answers
+        if slots is not None:
             targets = box_inputs[slots[:, 0], slots[:, 1]].to(output.pred_boxes.dtype)
             pred = output.pred_boxes[assistant]
             l1, giou = box_losses(pred, targets)
