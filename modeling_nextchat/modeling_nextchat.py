@@ -21,6 +21,7 @@ from .loss_nextchat import box_losses, box_patch_targets, grounding_attention_lo
 
 
 IGNORE_INDEX = -100
+REGION_GRID = 7  # with `box_region_features`: a box's feature averages REGION_GRID x REGION_GRID bilinear samples
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -30,6 +31,31 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
+
+
+def region_features(image_features: torch.Tensor, boxes: torch.Tensor, grid: int = REGION_GRID) -> torch.Tensor:
+    """Mean of the image features sampled bilinearly at the centres of a `grid` x `grid` partition of each box.
+
+    Args:
+        image_features: `(K, N, hidden)` patch features (N = side², row-major) of the image each box belongs to.
+        boxes: `(K, 4)` normalised xyxy boxes in the frame the vision tower sees (the padded square); clamped into
+            the image, corners in either order.
+
+    Returns:
+        `(K, hidden)` features.
+    """
+    num, length, hidden = image_features.shape
+    side = math.isqrt(length)
+    maps = image_features.transpose(1, 2).reshape(num, hidden, side, side).float()
+    boxes = boxes.float().clamp(0, 1)
+    low, high = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
+    steps = (torch.arange(grid, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid
+    points = low[:, None, :] + steps[None, :, None] * (high - low)[:, None, :]  # (K, grid, 2): x and y per step
+    xs, ys = points[..., 0], points[..., 1]
+    sample_grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (K, grid, grid, 2)
+    sampled = nn.functional.grid_sample(maps, sample_grid * 2 - 1, mode="bilinear", padding_mode="border",
+                                        align_corners=False)
+    return sampled.mean(dim=(2, 3)).to(image_features.dtype)
 
 
 def _build_projector(depth: int, in_features: int, out_features: int) -> nn.Sequential:
@@ -151,6 +177,8 @@ class NextChatModel(NextChatPreTrainedModel):
         return self.mm_projector(features)
 
     def _merge_image_features(self, input_ids, inputs_embeds, pixel_values):
+        """Puts the projected patch features at the `<im_patch>` slots; also returns them, `(num_images, N, hidden)`
+        (`None` without `pixel_values`)."""
         image_mask = input_ids == self.config.image_token_id
         per_image = self.config.image_seq_length
         if pixel_values is None:
@@ -160,7 +188,7 @@ class NextChatModel(NextChatPreTrainedModel):
                     f"`input_ids` hold {num_tokens} image placeholders (`<im_patch>`, id {self.config.image_token_id}) "
                     "but no `pixel_values` were given"
                 )
-            return inputs_embeds
+            return inputs_embeds, None
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
         num_tokens = int(image_mask.sum())
@@ -172,11 +200,19 @@ class NextChatModel(NextChatPreTrainedModel):
                 f"hold {per_row.tolist()} image placeholders; every image block needs exactly {per_image} `<im_patch>` "
                 "tokens and one image"
             )
-        features = self.get_image_features(pixel_values)
-        features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        flat = features.reshape(-1, features.shape[-1])
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), features
 
-    def _merge_box_embeddings(self, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask):
+    def _image_block_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """`(B, T)` index (row-major over the batch) of the last image block that ends at or before each position;
+        -1 where the position's row has none before it."""
+        blocks = (input_ids == self.config.image_token_id).long().cumsum(1) // self.config.image_seq_length
+        blocks_in_earlier_rows = blocks[:, -1].cumsum(0) - blocks[:, -1]
+        return torch.where(blocks > 0, blocks_in_earlier_rows[:, None] + blocks - 1, -1)
+
+    def _merge_box_embeddings(self, input_ids, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask,
+                              image_features, region_box_mask):
         per_row = box_token_mask.sum(dim=1)
         if box_inputs is None:
             if bool(per_row.any()):
@@ -187,8 +223,17 @@ class NextChatModel(NextChatPreTrainedModel):
         boxes = _select_boxes(box_inputs, box_inputs_mask, per_row)
         if boxes.shape[0] == 0:
             return inputs_embeds
-        box_embeds = self.loc_encoder(boxes.to(_dtype_of(self.loc_encoder))).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds)
+        box_embeds = self.loc_encoder(boxes.to(_dtype_of(self.loc_encoder)))
+        if self.config.box_region_features and image_features is not None:
+            image_index = self._image_block_of(input_ids)
+            if region_box_mask is not None:
+                image_index = image_index.masked_fill(~region_box_mask.to(image_index.device), -1)
+            image_index = image_index[box_token_mask]
+            has_image = (image_index >= 0)[:, None]
+            # a read-out of the features, without gradient: the projector learns from the image tokens alone
+            pooled = region_features(image_features[image_index.clamp(min=0)].detach(), boxes)
+            box_embeds = box_embeds + pooled.to(box_embeds.dtype) * has_image.to(box_embeds.dtype)
+        return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds.to(inputs_embeds.dtype))
 
     def forward(
         self,
@@ -199,17 +244,20 @@ class NextChatModel(NextChatPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         box_inputs: torch.FloatTensor | None = None,
         box_inputs_mask: torch.BoolTensor | None = None,
+        region_box_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Embeds `input_ids` (image features at `<im_patch>`, `loc_encoder(box)` at `<boxes>`) and runs the LM.
 
-        `input_ids` are required: the positions of the NExT-Chat tokens are read from them.
+        `input_ids` are required: the positions of the NExT-Chat tokens are read from them. With
+        `config.box_region_features`, `region_box_mask` (`(batch_size, sequence_length)` bool) says which `<boxes>`
+        also get their region's image features; default: every `<boxes>` given in `box_inputs`.
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+        inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
 
         box_token_mask = input_ids == self.config.box_token_id
         state = TriggerState.from_cache(cache)
@@ -221,8 +269,10 @@ class NextChatModel(NextChatPreTrainedModel):
             pending = state.pending.to(box_token_mask.device)
             box_token_mask = box_token_mask.clone()
             box_token_mask[:, 0] &= ~pending
-        inputs_embeds = self._merge_box_embeddings(box_token_mask, inputs_embeds, box_inputs, box_inputs_mask)
-        if state is not None:
+        inputs_embeds = self._merge_box_embeddings(
+            input_ids, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask, image_features, region_box_mask
+        )
+        if state is not None:  # a predicted box: loc_encoder alone, never region features
             pending_embeds = self.loc_encoder(state.boxes.to(_dtype_of(self.loc_encoder)))
             first = torch.where(pending[:, None], pending_embeds.to(inputs_embeds.dtype), inputs_embeds[:, 0])
             inputs_embeds = torch.cat([first[:, None], inputs_embeds[:, 1:]], dim=1)
@@ -407,6 +457,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             inputs_embeds: not supported (a `ValueError` unless `None`); accepted so that wrappers such as PEFT's
                 `PeftModelForCausalLM`, which always pass it, work. `return_dict` is ignored: the output is always a
                 `NextChatCausalLMOutputWithPast`.
+            region_box_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): with
+                `config.box_region_features`, the `<boxes>` that get their region's image features. Default: all but
+                the answer boxes (those after a labelled trigger) when `labels` are given, else all.
             num_items_in_batch (`int`, `torch.Tensor` or `dict`): normaliser(s) over a gradient-accumulated batch.
                 An int is the number of LM target tokens (what `Trainer` passes); a dict from
                 `count_loss_items` summed over the micro-batches makes every term exact.
@@ -422,6 +475,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
         if labels is not None and self.config.grounding_attention_loss_weight:
             kwargs["output_attentions"] = True
+        if labels is not None and self.config.box_region_features:
+            answer_boxes = _answer_box_positions(input_ids, labels, self.config.trigger_token_id)
+            kwargs.setdefault("region_box_mask", ~answer_boxes)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -642,6 +698,12 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             + config.mask_dice_loss_weight * output.mask_dice_loss
             + config.mask_iou_loss_weight * output.mask_iou_loss
         )
+
+
+def _answer_box_positions(input_ids, labels, trigger_token_id):
+    """`(B, T)` bool: the positions right after an answer (labelled) trigger, i.e. the `<boxes>` of the answer."""
+    answer_trigger = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
+    return torch.nn.functional.pad(answer_trigger[:, :-1], (1, 0), value=False)
 
 
 def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id, box_inputs=None):

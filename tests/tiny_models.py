@@ -80,3 +80,37 @@ def pad_boxes(boxes_per_row: list[list[list[float]]]):
             box_inputs[i, : len(boxes)] = torch.tensor(boxes)
             mask[i, : len(boxes)] = True
     return box_inputs, mask
+
+
+def naive_region_feature(image_features: torch.Tensor, box, grid: int = 7) -> torch.Tensor:
+    """Loop reference of `box_region_features`: the mean over the centres of a grid x grid partition of the box
+    (clamped into [0, 1]) of the bilinear interpolation of `image_features` `(N, hidden)`, a row-major side x side
+    grid whose feature (i, j) sits at the centre of patch (i, j), clamped to the outer centres at the border."""
+    side = int(round(len(image_features) ** 0.5))
+    x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
+    x0, x1 = min(x0, x1), max(x0, x1)
+    y0, y1 = min(y0, y1), max(y0, y1)
+    total = torch.zeros(image_features.shape[1])
+    for a in range(grid):
+        for c in range(grid):
+            x = x0 + (c + 0.5) / grid * (x1 - x0)
+            y = y0 + (a + 0.5) / grid * (y1 - y0)
+            u = min(max(x * side - 0.5, 0.0), side - 1.0)  # column coordinate in patch-centre units
+            v = min(max(y * side - 0.5, 0.0), side - 1.0)
+            j0, i0 = int(u), int(v)
+            j1, i1 = min(j0 + 1, side - 1), min(i0 + 1, side - 1)
+            fu, fv = u - j0, v - i0
+            at = lambda i, j: image_features[i * side + j]  # noqa: E731
+            total += ((1 - fv) * ((1 - fu) * at(i0, j0) + fu * at(i0, j1))
+                      + fv * ((1 - fu) * at(i1, j0) + fu * at(i1, j1)))
+    return total / grid**2
+
+
+def naive_box_embedding(model, box, image_features=None) -> torch.Tensor:
+    """What a `<boxes>` slot is fed: `loc_encoder(box)`, plus with `box_region_features` the region feature of
+    `image_features` `(N, hidden)` (the box's image; `None`: no image, no region feature)."""
+    box = torch.as_tensor(box, dtype=torch.float32)
+    embedding = model.model.loc_encoder(box)
+    if model.config.box_region_features and image_features is not None:
+        embedding = embedding + naive_region_feature(image_features, box)
+    return embedding
