@@ -105,6 +105,15 @@ def test_lone_object_scenes_and_generator_cli(tmp_path):
                for r in records)
     with pytest.raises(SystemExit):
         synthetic_main([str(tmp_path / "bad"), "--tasks", "rec,caption"])
+    # task weights: region captions at 0.25 of the others' weight -> 1/13 of the turns; a zero weight drops a task
+    synthetic_main([str(tmp_path / "few_reg"), "--num", "260", "--max-turns", "1", "--task-weights", "reg=0.25"])
+    tasks = [json.loads(line)["task"][0] for line in open(tmp_path / "few_reg" / "data.jsonl")]
+    assert 0.03 < tasks.count("reg") / len(tasks) < 0.14 and min(tasks.count(t) for t in ("rec", "res", "gc")) > 50
+    synthetic_main([str(tmp_path / "no_gc"), "--num", "40", "--max-turns", "1", "--task-weights", "gc=0"])
+    assert all(json.loads(line)["task"] != ["gc"] for line in open(tmp_path / "no_gc" / "data.jsonl"))
+    for bad in ("reg", "reg=x", "caption=1", "reg=-1"):
+        with pytest.raises(SystemExit):
+            synthetic_main([str(tmp_path / "bad"), "--task-weights", bad])
 
 
 def test_shape_masks_are_exact_geometry():
@@ -511,6 +520,26 @@ def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
     terms = [h["grounding_attention_loss"] for h in trainer.state.log_history if "grounding_attention_loss" in h]
     assert len(terms) == 30
     assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
+
+
+def test_region_features_switched_on_through_training_config(tmp_path):
+    """`box_region_features` adds no weights, so a config may switch it on for the model it trains (e.g. a
+    pretrained one); region-caption samples then train through the region read-out."""
+    from nextchat.training.train import run
+
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
+        "stage": "stage2",
+        "training_config": {"box_region_features": True},
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 8, "tasks": ["reg"], **SCENE}},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 4, "max_steps": 2,
+                          "save_strategy": "no", "disable_tqdm": True, "use_cpu": True},
+        "output_model_dir": "final",
+    }
+    trainer, model, _ = run(config, root=str(tmp_path))
+    assert model.config.box_region_features is True and trainer.state.global_step == 2
+    assert NextChatForConditionalGeneration.from_pretrained(str(tmp_path / "final")).config.box_region_features
 
 
 def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path):

@@ -405,6 +405,8 @@ def main(argv=None):
     parser.add_argument("--min-turns", type=int, default=1)
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    parser.add_argument("--task-weights", default="",
+                        help="relative weights of the tasks of a turn, e.g. 'reg=0.3' (unnamed tasks weigh 1)")
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=3)
     parser.add_argument("--hard-fraction", type=float, default=0.85,
@@ -415,11 +417,20 @@ def main(argv=None):
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    task_weights = {}
+    for item in filter(None, args.task_weights.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            task_weights[name] = float(value)
+        except ValueError:
+            parser.error(f"--task-weights: {item!r} is not TASK=WEIGHT")
+        if name not in args.tasks.split(",") or task_weights[name] < 0:
+            parser.error(f"--task-weights: {item!r} must name one of --tasks with a weight >= 0")
     path = write_dataset(
         args.out_dir, range(args.seed_start, args.seed_start + args.num), jsonl_name=args.jsonl_name,
         min_turns=args.min_turns, max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
-        single_object_fraction=args.single_object_fraction,
+        single_object_fraction=args.single_object_fraction, task_weights=task_weights or None,
     )
     print(path)
 

@@ -17,8 +17,8 @@ Config keys (see `training/configs/*.json` for complete examples):
   },
   "stage": "full" | "stage1" | "stage2" | "stage3",
   "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides on the config, applied after the stage
-  "training_config": {"sam_box_prompt": "target", ...},   # optional: other training-time NextChatConfig fields
-                                                 # (grounding_attention_layers, sam_box_prompt), likewise
+  "training_config": {"sam_box_prompt": "target", ...},   # optional: other NextChatConfig fields, likewise
+                                                 # (grounding_attention_layers, sam_box_prompt, box_region_features)
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -47,8 +47,9 @@ import sys
 
 import torch
 
-# NextChatConfig fields that only change how a model trains, settable by a config's "training_config"
-TRAINING_CONFIG_FIELDS = ("grounding_attention_layers", "sam_box_prompt")
+# NextChatConfig fields a config's "training_config" may set on the model it trains, pretrained or not: how it
+# trains, and `box_region_features`, which adds no weights and so can be switched on for fine-tuning
+TRAINING_CONFIG_FIELDS = ("grounding_attention_layers", "sam_box_prompt", "box_region_features")
 
 
 def _resolve(path, root):
