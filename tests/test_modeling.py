@@ -106,6 +106,14 @@ def test_region_features_change_what_a_box_feeds_and_are_off_by_default(model, r
         tiny_config(box_region_features="yes")
 
 
+def test_each_box_reads_the_last_image_before_it(region_model):
+    """Images are numbered row-major over the batch; a box before any image of its row reads none (-1)."""
+    rows = [[1] + image_block() + [BOXES] + image_block() + [BOXES], [BOXES, 5] + image_block() + [BOXES, 2, 2]]
+    ids, _ = pad_rows(rows)
+    index = region_model.model._image_block_of(ids)
+    assert index[ids == BOXES].tolist() == [0, 1, -1, 2]
+
+
 def test_region_features_go_to_given_boxes_only_and_pass_no_gradient(region_model):
     """In training, the answer's box (after a labelled trigger) keeps loc_encoder alone, like the boxes predicted
     in generation; the user's box gets its region's features, read without gradient into the projector."""
