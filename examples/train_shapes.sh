@@ -6,7 +6,8 @@
 #   VISION_S=10 PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (s)
 #   REGIONS=1 bash examples/train_shapes.sh   # the region-caption variant: `box_region_features` (not in the
 #                                             # original), grounding weight 2, region captions at weight 0.3 in the
-#                                             # data (one run: region captions 0.91, REC 0.78; training/README.md)
+#                                             # data (two runs: region captions 0.91/0.95, REC 0.78/0.51;
+#                                             # training/README.md)
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
