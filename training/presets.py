@@ -26,10 +26,11 @@ import torch
 LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 DEFAULT_MODULES_TO_SAVE = ("mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp")
 BOX_LOSS_WEIGHTS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
-                    "cycle_box_loss_weight", "grounding_attention_loss_weight")
+                    "cycle_box_loss_weight", "grounding_attention_loss_weight", "region_attention_loss_weight")
 ORIGINAL_LOSS_WEIGHTS = {
     "lm_loss_weight": 1.0, "box_l1_loss_weight": 2.0, "box_giou_loss_weight": 0.2, "cycle_embed_loss_weight": 1.0,
-    "cycle_box_loss_weight": 1.0, "grounding_attention_loss_weight": 0.0, "mask_ce_loss_weight": 20.0,
+    "cycle_box_loss_weight": 1.0, "grounding_attention_loss_weight": 0.0, "region_attention_loss_weight": 0.0,
+    "mask_ce_loss_weight": 20.0,
     "mask_dice_loss_weight": 1.0, "mask_iou_loss_weight": 1.0,
 }
 STAGES = ("stage1", "stage2", "stage3", "sam", "full")

@@ -18,7 +18,8 @@ Config keys (see `training/configs/*.json` for complete examples):
   "stage": "full" | "stage1" | "stage2" | "stage3",
   "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides on the config, applied after the stage
   "training_config": {"sam_box_prompt": "target", ...},   # optional: other NextChatConfig fields, likewise
-                                                 # (grounding_attention_layers, sam_box_prompt, box_region_features)
+                                                 # (grounding_attention_layers / _heads, region_attention_heads,
+                                                 # sam_box_prompt, box_region_features)
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -49,7 +50,10 @@ import torch
 
 # NextChatConfig fields a config's "training_config" may set on the model it trains, pretrained or not: how it
 # trains, and `box_region_features`, which adds no weights and so can be switched on for fine-tuning
-TRAINING_CONFIG_FIELDS = ("grounding_attention_layers", "sam_box_prompt", "box_region_features")
+TRAINING_CONFIG_FIELDS = (
+    "grounding_attention_layers", "grounding_attention_heads", "region_attention_heads", "sam_box_prompt",
+    "box_region_features",
+)
 
 
 def _resolve(path, root):
@@ -213,8 +217,8 @@ def run(config: dict, root: str = "."):
             raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
         setattr(model.config, name, value)
     model.config.check_consistency()
-    if model.config.grounding_attention_loss_weight:
-        # the grounding-attention term reads attention probabilities, which only eager attention returns
+    if model.config.grounding_attention_loss_weight or model.config.region_attention_loss_weight:
+        # the attention terms read attention probabilities, which only eager attention returns
         model.model.language_model.set_attn_implementation("eager")
     if config.get("lora"):
         model = apply_lora(model, **config["lora"])

@@ -9,10 +9,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 
-LOSS_ITEM_KEYS = ("tokens", "boxes", "input_boxes", "masks")
+LOSS_ITEM_KEYS = ("tokens", "boxes", "input_boxes", "masks", "region_turns")
 LOSS_TERMS = (
     "lm_loss", "box_l1_loss", "box_giou_loss", "cycle_embed_loss", "cycle_box_loss", "mask_ce_loss",
-    "mask_dice_loss", "mask_iou_loss", "grounding_attention_loss",
+    "mask_dice_loss", "mask_iou_loss", "grounding_attention_loss", "region_attention_loss",
 )
 
 
@@ -50,8 +50,8 @@ def count_loss_items(model, batches: list[dict]) -> dict | None:
 
 class NextChatTrainer(Trainer):
     """`Trainer` whose `num_items_in_batch` is the dict of item counts of every NExT-Chat loss term (LM tokens,
-    assistant boxes, input boxes, masks), summed over the micro-batches of one optimizer step and, in multi-process
-    runs with `average_tokens_across_devices` (the default), over the processes.
+    assistant boxes, input boxes, masks, region-caption turns), summed over the micro-batches of one optimizer step
+    and, in multi-process runs with `average_tokens_across_devices` (the default), over the processes.
 
     The model divides each summed term by its count, so a step with gradient accumulation (and/or several
     processes) has exactly the gradient of the same samples in one batch. (With the stock integer, only the LM

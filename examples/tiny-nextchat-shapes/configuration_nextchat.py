@@ -101,9 +101,17 @@ class NextChatConfig(PreTrainedConfig):
             `grounding_attention_layers`. It teaches the trigger to look at the object it names — what a model
             trained from scratch learns last. 0 keeps parity; > 0 needs attention probabilities, so the language
             model must run with `attn_implementation="eager"`.
+        region_attention_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a second training-only term that is not in the original, for region captions: every position
+            that predicts a token of an assistant turn that grounds nothing itself (no labelled `<at>`) and follows
+            a user turn giving exactly one box is asked, like a trigger, to attend to that box's patches; each such
+            turn counts once (its positions averaged; the term is the mean over such turns). 0 keeps parity.
         grounding_attention_layers (`list[int]` or `None`, *optional*, defaults to `None`):
-            Language-model layers (negative indices count from the end) the term above supervises; `None`: every
-            layer but the first, whose trigger query cannot depend on the phrase yet.
+            Language-model layers (negative indices count from the end) the attention terms supervise; `None`:
+            every layer but the first, whose trigger query cannot depend on the phrase yet.
+        grounding_attention_heads, region_attention_heads (`list[int]` or `None`, *optional*, defaults to `None`):
+            The attention heads whose mean attention mass the trigger term and the region term supervise; `None`:
+            all heads. Disjoint lists let the two kinds of lookup — by name and by position — use their own heads.
         sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
             The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
             `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
@@ -148,7 +156,10 @@ class NextChatConfig(PreTrainedConfig):
     cycle_embed_loss_weight: float = 1.0
     cycle_box_loss_weight: float = 1.0
     grounding_attention_loss_weight: float = 0.0
+    region_attention_loss_weight: float = 0.0
     grounding_attention_layers: list[int] | None = None
+    grounding_attention_heads: list[int] | None = None
+    region_attention_heads: list[int] | None = None
     sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
@@ -224,6 +235,12 @@ class NextChatConfig(PreTrainedConfig):
             )
         if not isinstance(self.box_region_features, bool):
             raise ValueError(f"`box_region_features` must be True or False, got {self.box_region_features!r}")
+        for name in ("grounding_attention_heads", "region_attention_heads"):
+            heads, count = getattr(self, name), self.text_config.num_attention_heads
+            if heads is not None and (
+                not heads or any(not 0 <= h < count for h in heads) or len(set(heads)) < len(heads)
+            ):
+                raise ValueError(f"`{name}`={heads!r} must be a non-empty list of distinct heads in [0, {count})")
         if self.grounding_attention_layers is not None:
             layers = self.text_config.num_hidden_layers
             bad = [i for i in self.grounding_attention_layers if not -layers <= i < layers]

@@ -101,5 +101,13 @@ def grounding_attention_loss(
             layers with H heads each.
         target_patches: `(K, P)` bool, the patches of each trigger's target (see `box_patch_targets`).
     """
-    mass = (trigger_attentions.float() * target_patches[None, :, None, :]).sum(-1).mean(-1)
-    return -torch.log(mass + eps).sum()
+    return per_query_attention_loss(trigger_attentions, target_patches, eps).sum()
+
+
+def per_query_attention_loss(
+    attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """`(K,)`: for each of K query rows, `−log` of the head-averaged attention mass on its target patches, summed over
+    the L layers of `attentions` `(L, K, H, P)`."""
+    mass = (attentions.float() * target_patches[None, :, None, :]).sum(-1).mean(-1)
+    return -torch.log(mass + eps).sum(0)

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
-from .loss_nextchat import box_losses, box_patch_targets, grounding_attention_loss, mask_losses
+from .loss_nextchat import box_losses, box_patch_targets, mask_losses, per_query_attention_loss
 
 
 IGNORE_INDEX = -100
@@ -82,7 +82,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
             input, when `sam_pixel_values` was given.
         iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
         lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
-        mask_iou_loss, grounding_attention_loss: the unweighted loss terms (each normalised by its own item count).
+        mask_iou_loss, grounding_attention_loss, region_attention_loss: the unweighted loss terms (each normalised by its own item count).
     """
 
     loss: torch.FloatTensor | None = None
@@ -103,6 +103,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     mask_dice_loss: torch.FloatTensor | None = None
     mask_iou_loss: torch.FloatTensor | None = None
     grounding_attention_loss: torch.FloatTensor | None = None
+    region_attention_loss: torch.FloatTensor | None = None
 
 
 MODEL_AUTO_MAP = {
@@ -473,7 +474,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             use_cache = False  # training needs no key/value cache
         if box_inputs is not None and box_inputs_mask is None:
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
-        if labels is not None and self.config.grounding_attention_loss_weight:
+        if labels is not None and (
+            self.config.grounding_attention_loss_weight or self.config.region_attention_loss_weight
+        ):
             kwargs["output_attentions"] = True
         if labels is not None and self.config.box_region_features:
             answer_boxes = _answer_box_positions(input_ids, labels, self.config.trigger_token_id)
@@ -575,7 +578,11 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             "boxes": int(assistant.sum()),
             "input_boxes": int(box_inputs_mask.sum()) if box_inputs_mask is not None else 0,
             "masks": 0,
+            "region_turns": 0,
         }
+        if box_inputs_mask is not None and counts["input_boxes"]:
+            _, _, weights = _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
+            counts["region_turns"] = round(float(weights.sum()))
         if mask_targets is not None and counts["boxes"]:
             slots = _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
             has_mask = (mask_targets.flatten(2) >= 0).all(-1)
@@ -637,16 +644,28 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         if config.grounding_attention_loss_weight and bool(assistant.any()):
             # Only the triggers: also asking each `<boxes>` to look at the box it is fed (for region captions)
             # was measured to stop the triggers from learning to find objects by name.
-            output.grounding_attention_loss = self._grounding_attention_loss(
-                output, input_ids, is_trigger[assistant], targets.float(), normalisers["boxes"]
+            per_query, _ = self._attention_mass_loss(
+                output, input_ids, is_trigger[assistant], targets.float(), config.grounding_attention_heads
             )
+            output.grounding_attention_loss = per_query.sum() / normalisers["boxes"]
             total = total + config.grounding_attention_loss_weight * output.grounding_attention_loss
+        if config.region_attention_loss_weight and box_inputs is not None:
+            queries, slots, weights = _region_caption_queries(
+                input_ids, labels, box_inputs_mask, config.trigger_token_id, config.box_token_id
+            )
+            if queries.shape[0]:
+                boxes = box_inputs[slots[:, 0], slots[:, 1]].float()
+                per_query, usable = self._attention_mass_loss(
+                    output, input_ids, queries, boxes, config.region_attention_heads
+                )
+                output.region_attention_loss = (per_query * weights[usable]).sum() / normalisers["region_turns"]
+                total = total + config.region_attention_loss_weight * output.region_attention_loss
         output.loss = total
 
-    def _grounding_attention_loss(self, output, input_ids, queries, query_boxes, count):
-        """`grounding_attention_loss` of the `(K, 2)` (row, column) trigger `queries` over the patches of their
-        `(K, 4)` target boxes, averaged over the supervised layers and divided by `count`; a query counts only in a
-        row with one image block before it, whose patches its box is laid on."""
+    def _attention_mass_loss(self, output, input_ids, queries, query_boxes, heads=None):
+        """`(K',)` `per_query_attention_loss` of the `(K, 2)` (row, column) `queries` over the patches of their
+        `(K, 4)` target boxes, averaged over the supervised layers, and the `(K,)` bool of the queries kept: a query
+        counts only in a row with one image block before it, whose patches its box is laid on."""
         config = self.config
         attentions = output.attentions
         if not attentions or any(attention is None for attention in attentions):
@@ -669,11 +688,13 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         per_layer = []
         for layer in layers:
             trigger_rows = attentions[layer][rows, :, columns]  # (K, heads, seq_len)
+            if heads is not None:
+                trigger_rows = trigger_rows[:, list(heads)]
             index = patch_columns[:, None, :].expand(-1, trigger_rows.shape[1], -1).to(trigger_rows.device)
             per_layer.append(torch.gather(trigger_rows, 2, index))
         targets = box_patch_targets(query_boxes, math.isqrt(num_patches))
-        summed = grounding_attention_loss(torch.stack(per_layer), targets.to(per_layer[0].device))
-        return summed / (len(layers) * count)
+        per_query = per_query_attention_loss(torch.stack(per_layer), targets.to(per_layer[0].device))
+        return per_query / len(layers), usable
 
     def _mask_loss(self, output, assistant, slots, mask_targets, normalisers):
         config = self.config
@@ -706,6 +727,44 @@ def _answer_box_positions(input_ids, labels, trigger_token_id):
     return torch.nn.functional.pad(answer_trigger[:, :-1], (1, 0), value=False)
 
 
+def _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id):
+    """The positions that predict the tokens of each region-caption turn — an assistant (labelled) turn without a
+    labelled `<at>` whose preceding user turn gives exactly one `<boxes>` — as `(Q, 2)` (row, column), the
+    `(Q, 2)` (row, slot) of that box in `box_inputs`, and `(Q,)` weights that sum to 1 over each turn."""
+    # an answer's own `<boxes>` (unlabelled, right after its labelled trigger) belongs to the answer
+    labelled = (labels != IGNORE_INDEX) | _answer_box_positions(input_ids, labels, trigger_token_id)
+    starts = labelled & ~torch.nn.functional.pad(labelled[:, :-1], (1, 0), value=False)
+    turn = starts.long().cumsum(1)  # labelled: its turn (1-based); unlabelled: the turn before it (0: none)
+    batch, length = input_ids.shape
+    num_turns = int(turn.max()) + 2 if length else 2
+    given = (input_ids == box_token_id) & ~labelled
+    rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, length)
+    # a given box belongs to the assistant turn that follows it
+    given_count = torch.zeros(batch, num_turns, dtype=torch.long, device=input_ids.device)
+    given_count.index_put_((rows[given], turn[given] + 1), torch.ones_like(turn[given]), accumulate=True)
+    grounds = torch.zeros_like(given_count)
+    answer_trigger = (input_ids == trigger_token_id) & labelled
+    grounds.index_put_((rows[answer_trigger], turn[answer_trigger]), torch.ones_like(turn[answer_trigger]),
+                       accumulate=True)
+    ordinal = (input_ids == box_token_id).long().cumsum(1) - 1
+    box_ordinal = torch.zeros_like(given_count)
+    box_ordinal[rows[given], turn[given] + 1] = ordinal[given]
+    qualifies = (given_count == 1) & (grounds == 0)
+    predicted = (labels != IGNORE_INDEX) & qualifies.gather(1, turn)  # label positions of qualifying turns
+    predicted[:, 0] = False  # position 0 cannot be predicted
+    q_rows, q_cols = torch.nonzero(predicted, as_tuple=True)
+    q_turns = turn[q_rows, q_cols]
+    size = torch.zeros_like(given_count)
+    size.index_put_((q_rows, q_turns), torch.ones_like(q_turns), accumulate=True)
+    weights = 1.0 / size[q_rows, q_turns].float()
+    mask = box_inputs_mask.bool()
+    slot_of_ordinal = torch.full_like(mask, -1, dtype=torch.long)
+    slot_rows, slot_cols = torch.nonzero(mask, as_tuple=True)
+    slot_of_ordinal[slot_rows, (mask.long().cumsum(1) - 1)[slot_rows, slot_cols]] = slot_cols
+    slots = slot_of_ordinal[q_rows, box_ordinal[q_rows, q_turns]]
+    return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
+
+
 def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id, box_inputs=None):
     """`(K, 2)` (row, slot) indices into `box_inputs` of the box that follows each assistant trigger, row-major."""
     triggers = torch.nonzero((input_ids == trigger_token_id) & (labels != IGNORE_INDEX))
@@ -735,7 +794,7 @@ def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, b
 def _normalisers(local: dict, num_items_in_batch) -> dict:
     """Divisors of each summed loss term: the counts of the whole accumulated batch when known."""
     if isinstance(num_items_in_batch, dict):
-        counts = dict(num_items_in_batch)
+        counts = {**local, **num_items_in_batch}  # a key the caller did not count: this micro-batch's own
     elif num_items_in_batch is not None:
         # Only the token count of the whole batch is known: scale every other term by this micro-batch's share of
         # the tokens, so that summing the micro-batch losses gives a token-weighted mean rather than a sum.
