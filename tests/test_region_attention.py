@@ -1,11 +1,14 @@
 """The region-caption attention term: which positions it supervises, its value against a hand-written reference,
-and exact gradient accumulation."""
+exact gradient accumulation, and the callback that switches a loss weight on part-way through a run."""
+
+import time
 
 import pytest
 import torch
 
 from nextchat.modeling_nextchat import _region_caption_queries
 from nextchat.training.presets import apply_stage_preset
+from nextchat.training.trainer import LossWeightStartCallback
 from tiny_models import BOXES, IMAGE_PATCH, TRIGGER, image_block, images, pad_boxes, pad_rows, tiny_model
 
 USER_BOX = [7, TRIGGER, BOXES, 8]  # "what is in [i]?"
@@ -116,3 +119,44 @@ def test_mask_presets_switch_the_region_term_off():
     model = tiny_model(sam=True, region_attention_loss_weight=2.0)
     apply_stage_preset(model, "stage2")
     assert model.config.region_attention_loss_weight == 0.0  # the original's weights: the term is not in it
+
+
+def test_loss_weight_start_callback_switches_on_after_its_fraction_of_the_budget():
+    model = tiny_model(sam=False, region_attention_loss_weight=1.5, grounding_attention_loss_weight=0.7)
+    callback = LossWeightStartCallback(model.config, {"region_attention_loss_weight": 0.5}, budget_s=1.0)
+    callback.on_train_begin(None, None, None)
+    assert model.config.region_attention_loss_weight == 0.0
+    callback.on_step_begin(None, None, None)
+    assert model.config.region_attention_loss_weight == 0.0
+    time.sleep(0.6)
+    callback.on_step_begin(None, None, None)
+    assert model.config.region_attention_loss_weight == 1.5
+    assert model.config.grounding_attention_loss_weight == 0.7  # not scheduled: untouched
+
+
+def test_loss_weight_start_callback_waits_for_the_logged_terms():
+    model = tiny_model(sam=False, region_attention_loss_weight=2.0)
+    rule = {"when_below": {"grounding_attention_loss": 0.2}, "earliest": 0.5, "latest": 0.9}
+    callback = LossWeightStartCallback(model.config, {"region_attention_loss_weight": rule}, budget_s=1.0)
+    callback.on_train_begin(None, None, None)
+    callback.on_step_begin(None, None, None)
+    callback.on_log(None, None, None, logs={"grounding_attention_loss": 0.01})  # low, but before `earliest`
+    assert model.config.region_attention_loss_weight == 0.0
+    time.sleep(0.6)
+    callback.on_step_begin(None, None, None)  # now past `earliest`, before `latest`
+    for logs in ({"grounding_attention_loss": 0.3}, {"loss": 1.0}):  # not below; the term not logged
+        callback.on_log(None, None, None, logs=logs)
+        assert model.config.region_attention_loss_weight == 0.0
+    callback.on_log(None, None, None, logs={"grounding_attention_loss": 0.19})
+    assert model.config.region_attention_loss_weight == 2.0
+
+
+@pytest.mark.parametrize("starts, message", [
+    ({"regoin_attention_loss_weight": 0.5}, "unknown loss weight 'regoin_attention_loss_weight'"),
+    ({"region_attention_loss_weight": 1.5}, "0 <= earliest <= latest <= 1"),
+    ({"region_attention_loss_weight": {"earliest": 0.8, "latest": 0.5}}, "0 <= earliest <= latest <= 1"),
+    ({"region_attention_loss_weight": {"below": {}}}, r"unknown keys \['below'\]"),
+])
+def test_loss_weight_start_callback_rejects_bad_rules(starts, message):
+    with pytest.raises(ValueError, match=message):
+        LossWeightStartCallback(tiny_model(sam=False).config, starts, budget_s=1.0)

@@ -522,6 +522,38 @@ def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
     assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
 
 
+def test_region_attention_term_trains_through_the_entry_point_once_due(tmp_path):
+    """`loss_weight_starts` holds the region term at 0 until its rule is met (here: at the first logging step);
+    from then on it is logged, on the heads `training_config` names, and training on it alone makes the answers
+    look at the given box (the term falls)."""
+    from nextchat.training.train import run
+
+    zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
+                                   "cycle_embed_loss_weight", "cycle_box_loss_weight")}
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
+        "stage": "stage2",
+        "loss_weights": {**zero, "region_attention_loss_weight": 1.0},
+        "training_config": {"grounding_attention_layers": [-1], "region_attention_heads": [0, 1]},
+        "loss_weight_starts": {"region_attention_loss_weight": {"when_below": {"loss": 1e9}}},
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, "tasks": ["reg"], **SCENE}},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
+                          "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
+                          "disable_tqdm": True, "use_cpu": True},
+    }
+    with pytest.raises(ValueError, match="time_budget_s"):
+        run(config, root=str(tmp_path))
+    trainer, model, _ = run({**config, "time_budget_s": 600}, root=str(tmp_path))
+    assert model.model.language_model.config._attn_implementation == "eager"
+    assert model.config.region_attention_heads == [0, 1] and model.config.region_attention_loss_weight == 1.0
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert "region_attention_loss" not in logged[0]
+    terms = [h["region_attention_loss"] for h in logged[1:]]
+    assert len(terms) == 29
+    assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
+
+
 def test_region_features_switched_on_through_training_config(tmp_path):
     """`box_region_features` adds no weights, so a config may switch it on for the model it trains (e.g. a
     pretrained one); region-caption samples then train through the region read-out."""

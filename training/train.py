@@ -32,6 +32,9 @@ Config keys (see `training/configs/*.json` for complete examples):
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
   "time_budget_s": 780,                          # optional: stop (and save) after this many seconds of training;
                                                  # the cosine/linear decay then runs over wall-clock time
+  "loss_weight_starts": {"region_attention_loss_weight": 0.6},   # optional: hold a loss weight at 0 until that
+                                                 # fraction of time_budget_s, or {"when_below": {"grounding_attention_loss":
+                                                 # 0.25}, "earliest": 0.5, "latest": 0.7} (trainer.LossWeightStartCallback)
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
   "torch_num_threads": 1                         # optional: torch.set_num_threads
 }
@@ -191,7 +194,7 @@ def run(config: dict, root: str = "."):
     """Train as `config` says. Returns `(trainer, model, processor)`."""
     from .data import NextChatDataCollator, NextChatJsonlDataset
     from .presets import apply_lora, apply_stage_preset
-    from .trainer import NextChatTrainer
+    from .trainer import LossWeightStartCallback, NextChatTrainer, base_model_of
 
     if config.get("torch_num_threads"):
         # On a small shared CPU, one intra-op thread is far faster than oversubscribed ones (measured 10x here).
@@ -235,9 +238,17 @@ def run(config: dict, root: str = "."):
         eval_dataset = NextChatJsonlDataset(_resolve(data_spec["eval"], root), processor, **common)
 
     args = build_training_args(config.get("training_args", {}), root)
+    callbacks = []
+    if config.get("loss_weight_starts"):
+        if not config.get("time_budget_s"):
+            raise ValueError("config: `loss_weight_starts` are fractions of `time_budget_s`, which is not set")
+        callbacks.append(LossWeightStartCallback(
+            base_model_of(model).config, config["loss_weight_starts"], config["time_budget_s"]
+        ))
     trainer = NextChatTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=NextChatDataCollator.from_processor(processor), time_budget_s=config.get("time_budget_s"),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=config.get("resume_from_checkpoint"))
     if args.should_save:

@@ -177,4 +177,67 @@ class TimeBudgetCallback(TrainerCallback):
         return control
 
 
-__all__ = ["LOSS_ITEM_KEYS", "NextChatTrainer", "TimeBudgetCallback", "base_model_of", "count_loss_items"]
+class LossWeightStartCallback(TrainerCallback):
+    """Holds some loss weights of `config` at 0 until they are due, then sets them to their configured values.
+
+    `starts` maps a weight's name to a fraction of the wall-clock budget (`{"region_attention_loss_weight": 0.6}`:
+    the term joins for the last 40% of the run), or to `{"when_below": {"grounding_attention_loss": 0.2},
+    "earliest": 0.5, "latest": 0.7}`: the term joins once every logged term named there has fallen below its value
+    (checked at each logging step from the `earliest` fraction of the budget on), and at the latest after the
+    `latest` fraction. For a term that would compete with what
+    the model has to learn first. Every process decides alike: the logged terms are reduced over processes, and
+    rank 0's clock decides for the time."""
+
+    def __init__(self, config, starts: dict, budget_s: float):
+        self.config, self.budget_s = config, float(budget_s)
+        self.rules = {}
+        for name, rule in starts.items():
+            if not name.endswith("_loss_weight") or not hasattr(config, name):
+                raise ValueError(f"`loss_weight_starts`: unknown loss weight {name!r}")
+            if not isinstance(rule, dict):
+                rule = {"latest": rule}
+            unknown = set(rule) - {"when_below", "earliest", "latest"}
+            if unknown:
+                raise ValueError(f"`loss_weight_starts[{name!r}]`: unknown keys {sorted(unknown)}")
+            latest, earliest = float(rule.get("latest", 1.0)), float(rule.get("earliest", 0.0))
+            if not 0.0 <= earliest <= latest <= 1.0:
+                raise ValueError(
+                    f"`loss_weight_starts[{name!r}]`: fractions must satisfy 0 <= earliest <= latest <= 1, got "
+                    f"{earliest!r} and {latest!r}"
+                )
+            self.rules[name] = {"latest": latest, "earliest": earliest, "when_below": dict(rule.get("when_below") or {}),
+                                "value": getattr(config, name), "on": False}
+        self.start, self.progress = None, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.progress = time.time(), 0.0
+        for name, rule in self.rules.items():
+            rule["on"] = rule["latest"] == 0.0
+            setattr(self.config, name, rule["value"] if rule["on"] else 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for name, rule in self.rules.items():
+            below = rule["when_below"]
+            due = not rule["on"] and below and self.progress >= rule["earliest"]
+            if due and all(term in logs and logs[term] < value for term, value in below.items()):
+                rule["on"] = True
+                setattr(self.config, name, rule["value"])
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        progress = (time.time() - self.start) / self.budget_s
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            value = torch.tensor([progress], device=args.device)
+            torch.distributed.broadcast(value, src=0)
+            progress = float(value.item())
+        self.progress = progress
+        for name, rule in self.rules.items():
+            if not rule["on"] and progress >= rule["latest"]:
+                rule["on"] = True
+                setattr(self.config, name, rule["value"])
+
+
+__all__ = [
+    "LOSS_ITEM_KEYS", "LossWeightStartCallback", "NextChatTrainer", "TimeBudgetCallback", "base_model_of",
+    "count_loss_items",
+]
