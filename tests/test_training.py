@@ -493,24 +493,30 @@ def test_train_entry_point_loss_falls_and_checkpoint_loads_remotely(tmp_path):
         assert torch.equal(a, b), n
 
 
+def attention_term_config(loss_weights, training_config, tasks=None):
+    """A 30-step stage-2 run of a tiny scratch model on 16 synthetic scenes where only the given loss terms count."""
+    zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
+                                   "cycle_embed_loss_weight", "cycle_box_loss_weight")}
+    synthetic = {"out_dir": "data", "seed_start": 0, "num": 16, **({"tasks": tasks} if tasks else {}), **SCENE}
+    return {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
+        "stage": "stage2",
+        "loss_weights": {**zero, **loss_weights},
+        "training_config": training_config,
+        "data": {"synthetic": synthetic},
+        "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
+                          "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
+                          "disable_tqdm": True, "use_cpu": True},
+    }
+
+
 def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
     """With the term on, the entry point switches the LM to eager attention, logs the term, and training on it
     alone moves each trigger's attention onto its target (the term falls)."""
     from nextchat.training.train import run
 
-    zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
-                                   "cycle_embed_loss_weight", "cycle_box_loss_weight")}
-    config = {
-        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
-                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
-        "stage": "stage2",
-        "loss_weights": {**zero, "grounding_attention_loss_weight": 1.0},
-        "training_config": {"grounding_attention_layers": [-1]},
-        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, **SCENE}},
-        "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
-                          "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
-                          "disable_tqdm": True, "use_cpu": True},
-    }
+    config = attention_term_config({"grounding_attention_loss_weight": 1.0}, {"grounding_attention_layers": [-1]})
     for bad in ({"training_config": {"box_decoder_activation": None}}, {"loss_weights": {"sam_box_prompt": 1}}):
         with pytest.raises(ValueError, match="training_config|loss weight"):
             run({**config, **bad}, root=str(tmp_path))
@@ -528,20 +534,11 @@ def test_region_attention_term_trains_through_the_entry_point_once_due(tmp_path)
     look at the given box (the term falls)."""
     from nextchat.training.train import run
 
-    zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
-                                   "cycle_embed_loss_weight", "cycle_box_loss_weight")}
-    config = {
-        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
-                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
-        "stage": "stage2",
-        "loss_weights": {**zero, "region_attention_loss_weight": 1.0},
-        "training_config": {"grounding_attention_layers": [-1], "region_attention_heads": [0, 1]},
-        "loss_weight_starts": {"region_attention_loss_weight": {"when_below": {"loss": 1e9}}},
-        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, "tasks": ["reg"], **SCENE}},
-        "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
-                          "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
-                          "disable_tqdm": True, "use_cpu": True},
-    }
+    config = attention_term_config(
+        {"region_attention_loss_weight": 1.0}, {"grounding_attention_layers": [-1], "region_attention_heads": [0, 1]},
+        tasks=["reg"],
+    )
+    config["loss_weight_starts"] = {"region_attention_loss_weight": {"when_below": {"loss": 1e9}}}
     with pytest.raises(ValueError, match="time_budget_s"):
         run(config, root=str(tmp_path))
     trainer, model, _ = run({**config, "time_budget_s": 600}, root=str(tmp_path))

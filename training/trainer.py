@@ -153,6 +153,15 @@ class NextChatTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def _rank0_value(value: float, args) -> float:
+    """`value` as rank 0 has it, in every process (itself when not distributed): rank 0's clock decides for all."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = torch.tensor([value], device=args.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return float(tensor.item())
+    return value
+
+
 class TimeBudgetCallback(TrainerCallback):
     """Stops training (and saves) once `budget_s` seconds have passed since `on_train_begin`."""
 
@@ -164,13 +173,8 @@ class TimeBudgetCallback(TrainerCallback):
         self.start = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        over = self.start is not None and time.time() - self.start > self.budget_s
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every process must stop after the same step, or the others wait forever in the next all-reduce:
-            # rank 0's clock decides for all
-            flag = torch.tensor([float(over)], device=args.device)
-            torch.distributed.broadcast(flag, src=0)
-            over = bool(flag.item())
+        # every process must stop after the same step, or the others wait forever in the next all-reduce
+        over = bool(_rank0_value(float(self.start is not None and time.time() - self.start > self.budget_s), args))
         if over:
             control.should_training_stop = True
             control.should_save = True
@@ -225,14 +229,9 @@ class LossWeightStartCallback(TrainerCallback):
                 setattr(self.config, name, rule["value"])
 
     def on_step_begin(self, args, state, control, **kwargs):
-        progress = (time.time() - self.start) / self.budget_s
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            value = torch.tensor([progress], device=args.device)
-            torch.distributed.broadcast(value, src=0)
-            progress = float(value.item())
-        self.progress = progress
+        self.progress = _rank0_value((time.time() - self.start) / self.budget_s, args)
         for name, rule in self.rules.items():
-            if not rule["on"] and progress >= rule["latest"]:
+            if not rule["on"] and self.progress >= rule["latest"]:
                 rule["on"] = True
                 setattr(self.config, name, rule["value"])
 

@@ -91,19 +91,6 @@ def box_patch_targets(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
     return inside
 
 
-def grounding_attention_loss(
-    trigger_attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """Summed over triggers and layers: `−log` of the head-averaged attention mass a trigger puts on its target.
-
-    Args:
-        trigger_attentions: `(L, K, H, P)` attention probabilities of K trigger rows over the P image patches, in L
-            layers with H heads each.
-        target_patches: `(K, P)` bool, the patches of each trigger's target (see `box_patch_targets`).
-    """
-    return per_query_attention_loss(trigger_attentions, target_patches, eps).sum()
-
-
 def per_query_attention_loss(
     attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:

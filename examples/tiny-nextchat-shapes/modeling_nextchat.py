@@ -82,7 +82,8 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
             input, when `sam_pixel_values` was given.
         iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
         lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
-        mask_iou_loss, grounding_attention_loss, region_attention_loss: the unweighted loss terms (each normalised by its own item count).
+        mask_iou_loss, grounding_attention_loss, region_attention_loss: the unweighted loss terms (each normalised
+            by its own item count).
     """
 
     loss: torch.FloatTensor | None = None
@@ -566,10 +567,12 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
     @staticmethod
     def count_loss_items(
-        input_ids, labels, box_inputs_mask=None, mask_targets=None, trigger_token_id=None, box_token_id=None
+        input_ids, labels, box_inputs_mask=None, mask_targets=None, trigger_token_id=None, box_token_id=None,
+        region_turns: bool = True,
     ) -> dict:
         """Item counts of each loss term in one micro-batch; sum them over micro-batches and pass the sums as
-        `num_items_in_batch` to make every term exactly the mean over the accumulated batch."""
+        `num_items_in_batch` to make every term exactly the mean over the accumulated batch. `region_turns=False`
+        skips counting region-caption turns (left at 0)."""
         shifted = labels[:, 1:]
         targets = (shifted != IGNORE_INDEX) & (shifted != box_token_id)
         assistant = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
@@ -580,7 +583,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             "masks": 0,
             "region_turns": 0,
         }
-        if box_inputs_mask is not None and counts["input_boxes"]:
+        if region_turns and box_inputs_mask is not None and counts["input_boxes"]:
             _, _, weights = _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
             counts["region_turns"] = round(float(weights.sum()))
         if mask_targets is not None and counts["boxes"]:
@@ -597,7 +600,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         if logits_to_keep not in (0, None):
             raise ValueError("`labels` need logits for every position; do not pass `logits_to_keep` with them")
         local = self.count_loss_items(
-            input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id
+            input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id,
+            region_turns=bool(config.region_attention_loss_weight),  # not on the forward path when the term is off
         )
         normalisers = _normalisers(local, num_items_in_batch)
 
@@ -757,11 +761,7 @@ def _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id
     size = torch.zeros_like(given_count)
     size.index_put_((q_rows, q_turns), torch.ones_like(q_turns), accumulate=True)
     weights = 1.0 / size[q_rows, q_turns].float()
-    mask = box_inputs_mask.bool()
-    slot_of_ordinal = torch.full_like(mask, -1, dtype=torch.long)
-    slot_rows, slot_cols = torch.nonzero(mask, as_tuple=True)
-    slot_of_ordinal[slot_rows, (mask.long().cumsum(1) - 1)[slot_rows, slot_cols]] = slot_cols
-    slots = slot_of_ordinal[q_rows, box_ordinal[q_rows, q_turns]]
+    slots = _slot_of_ordinal(box_inputs_mask)[q_rows, box_ordinal[q_rows, q_turns]]
     return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
 
 
@@ -780,15 +780,18 @@ def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, b
         raise ValueError("`labels` contain assistant `<at>` triggers but no `box_inputs` hold their target boxes")
     if box_inputs_mask is None:
         box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=input_ids.device)
-    # ordinal of each `<boxes>` token within its row, mapped to the slot index of the ordinal-th True slot
-    ordinal = (input_ids == box_token_id).long().cumsum(dim=1) - 1
-    box_ordinal = ordinal[rows, next_cols]
-    slot_of_ordinal = torch.full_like(box_inputs_mask, -1, dtype=torch.long)
+    box_ordinal = ((input_ids == box_token_id).long().cumsum(dim=1) - 1)[rows, next_cols]
+    return torch.stack([rows, _slot_of_ordinal(box_inputs_mask)[rows, box_ordinal]], dim=1)
+
+
+def _slot_of_ordinal(box_inputs_mask):
+    """`(B, S)`: the slot index in `box_inputs` of each row's n-th `<boxes>` token (the n-th True slot of
+    `box_inputs_mask`), -1 past the last."""
     mask = box_inputs_mask.bool()
-    row_ordinals = mask.long().cumsum(dim=1) - 1
+    slot_of_ordinal = torch.full_like(mask, -1, dtype=torch.long)
     slot_rows, slot_cols = torch.nonzero(mask, as_tuple=True)
-    slot_of_ordinal[slot_rows, row_ordinals[slot_rows, slot_cols]] = slot_cols
-    return torch.stack([rows, slot_of_ordinal[rows, box_ordinal]], dim=1)
+    slot_of_ordinal[slot_rows, (mask.long().cumsum(dim=1) - 1)[slot_rows, slot_cols]] = slot_cols
+    return slot_of_ordinal
 
 
 def _normalisers(local: dict, num_items_in_batch) -> dict:
