@@ -87,6 +87,25 @@ def test_generator_is_deterministic_per_seed():
     assert all(not np.array_equal(images[0], other) for other in images[1:])
 
 
+def _shares(objects, attribute):
+    """Whether two objects of a scene share `attribute` ("color" or "shape")."""
+    values = [o[attribute] for o in objects]
+    return len(set(values)) < len(values)
+
+
+def test_same_shape_fraction_picks_which_attribute_the_distractor_shares():
+    # two objects, always a distractor: with 1.0 the pair differs only by colour, with 0.0 only by shape
+    scene = dict(min_objects=2, max_objects=2, hard_fraction=1.0)
+    by_colour = [render_scene(seed, same_shape_fraction=1.0, **scene)[1] for seed in range(40)]
+    by_shape = [render_scene(seed, same_shape_fraction=0.0, **scene)[1] for seed in range(40)]
+    assert all(_shares(objects, "shape") and not _shares(objects, "color") for objects in by_colour if len(objects) == 2)
+    assert all(_shares(objects, "color") and not _shares(objects, "shape") for objects in by_shape if len(objects) == 2)
+    assert sum(len(objects) == 2 for objects in by_colour + by_shape) >= 76
+    # the default draws both kinds, about half each
+    same_shape = [_shares(render_scene(seed, **scene)[1], "shape") for seed in range(300)]
+    assert 0.4 < np.mean(same_shape) < 0.6
+
+
 def test_lone_object_scenes_and_generator_cli(tmp_path):
     from nextchat.training.synthetic import main as synthetic_main
 
@@ -111,6 +130,9 @@ def test_lone_object_scenes_and_generator_cli(tmp_path):
     assert 0.03 < tasks.count("reg") / len(tasks) < 0.14 and min(tasks.count(t) for t in ("rec", "res", "gc")) > 50
     synthetic_main([str(tmp_path / "no_gc"), "--num", "40", "--max-turns", "1", "--task-weights", "gc=0"])
     assert all(json.loads(line)["task"] != ["gc"] for line in open(tmp_path / "no_gc" / "data.jsonl"))
+    synthetic_main([str(tmp_path / "by_colour"), "--num", "20", "--max-objects", "2", "--hard-fraction", "1",
+                    "--same-shape-fraction", "1"])
+    assert all(_shares(json.loads(line)["objects"], "shape") for line in open(tmp_path / "by_colour" / "data.jsonl"))
     for bad in ("reg", "reg=x", "caption=1", "reg=-1"):
         with pytest.raises(SystemExit):
             synthetic_main([str(tmp_path / "bad"), "--task-weights", bad])

@@ -149,10 +149,12 @@ def _background(rng, height, width) -> np.ndarray:
 
 def render_scene(seed: int, height: int = 64, width: int = 64, min_objects: int = 2, max_objects: int = 3,
                  min_size: int = 12, max_size: int = 24, hard_fraction: float = 0.85,
-                 single_object_fraction: float = 0.0):
+                 single_object_fraction: float = 0.0, same_shape_fraction: float = 0.5):
     """Draw one scene. Returns (PIL image, objects) where each object is a dict with `color`, `shape`, `size`,
     `box` (pixel xyxy) and `mask` (bool (h, w)). With `single_object_fraction` > 0, that fraction of the scenes
-    holds one object only (a curriculum aid: locating a lone object teaches where before which)."""
+    holds one object only (a curriculum aid: locating a lone object teaches where before which). A distractor shares
+    the first object's shape (so that only the colour tells them apart) with probability `same_shape_fraction`,
+    else its colour."""
     rng = np.random.default_rng(seed)
     n_objects = int(rng.integers(min_objects, max_objects + 1))
     if single_object_fraction > 0 and rng.random() < single_object_fraction:
@@ -163,7 +165,7 @@ def render_scene(seed: int, height: int = 64, width: int = 64, min_objects: int 
     first = (colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))])
     attrs = [first]
     if n_objects >= 2 and rng.random() < hard_fraction:
-        if rng.random() < 0.5:
+        if rng.random() < 1 - same_shape_fraction:  # (r < 0.5 by default: the streams of earlier versions)
             attrs.append((first[0], rng.choice([s for s in shapes if s != first[1]]).item()))
         else:
             attrs.append((rng.choice([c for c in colors if c != first[0]]).item(), first[1]))
@@ -413,6 +415,8 @@ def main(argv=None):
                         help="probability that the first object of a scene gets a same-colour or same-shape distractor")
     parser.add_argument("--single-object-fraction", type=float, default=0.0,
                         help="fraction of scenes with one object only")
+    parser.add_argument("--same-shape-fraction", type=float, default=0.5,
+                        help="probability that a distractor shares the shape (not the colour) of its object")
     args = parser.parse_args(argv)
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
@@ -430,7 +434,8 @@ def main(argv=None):
         args.out_dir, range(args.seed_start, args.seed_start + args.num), jsonl_name=args.jsonl_name,
         min_turns=args.min_turns, max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
-        single_object_fraction=args.single_object_fraction, task_weights=task_weights or None,
+        single_object_fraction=args.single_object_fraction, same_shape_fraction=args.same_shape_fraction,
+        task_weights=task_weights or None,
     )
     print(path)
 
