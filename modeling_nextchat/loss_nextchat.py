@@ -92,9 +92,12 @@ def box_patch_targets(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
 
 
 def per_query_attention_loss(
-    attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6
+    attentions: torch.Tensor, target_patches: torch.Tensor, eps: float = 1e-6, per_head: bool = False
 ) -> torch.Tensor:
-    """`(K,)`: for each of K query rows, `−log` of the head-averaged attention mass on its target patches, summed over
-    the L layers of `attentions` `(L, K, H, P)`."""
-    mass = (attentions.float() * target_patches[None, :, None, :]).sum(-1).mean(-1)
-    return -torch.log(mass + eps).sum(0)
+    """`(K,)`: for each of K query rows, `−log` of the head-averaged attention mass on its target patches (with
+    `per_head`: the mean over heads of `−log` of each head's mass), summed over the L layers of `attentions`
+    `(L, K, H, P)`."""
+    mass = (attentions.float() * target_patches[None, :, None, :]).sum(-1)  # (L, K, H)
+    if per_head:
+        return -torch.log(mass + eps).mean(-1).sum(0)
+    return -torch.log(mass.mean(-1) + eps).sum(0)

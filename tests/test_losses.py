@@ -148,6 +148,34 @@ def test_grounding_attention_term_equals_reference():
         assert without(**sample).grounding_attention_loss is None  # weight 0 (the default): no term, parity
 
 
+def test_per_head_attention_term_averages_each_heads_log_mass():
+    """`attention_loss_per_head`: the mean over heads of `−log` of each head's mass, by hand — which is larger than
+    `−log` of the mean mass whenever the heads disagree (Jensen), so the two reductions can be told apart."""
+    sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
+                  box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
+    targets = [[0, 2], [0]]  # as in the test above
+    patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
+    assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
+    losses = {}
+    for per_head in (False, True):
+        model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=1.0, attention_loss_per_head=per_head)
+        model.set_attn_implementation("eager")
+        with torch.no_grad():  # sharper attention, so that the heads disagree (a fresh tiny model's is near uniform)
+            model.model.language_model.layers[1].self_attn.q_proj.weight.mul_(30)
+        out = model(**sample)
+        losses[per_head] = out.grounding_attention_loss
+    attention = out.attentions[1][0]  # the one supervised layer: (heads, seq, seq)
+    reference = 0.0
+    for column, patches in zip(assistant_columns, targets):
+        for head in range(attention.shape[0]):
+            mass = sum(attention[head, column, patch_columns[p]] for p in patches)
+            reference = reference - torch.log(mass + 1e-6) / attention.shape[0]
+    torch.testing.assert_close(losses[True], reference / len(assistant_columns))
+    assert losses[True] > losses[False] + 1e-4
+    with pytest.raises(ValueError, match="attention_loss_per_head"):
+        tiny_model(sam=False, attention_loss_per_head="yes")
+
+
 def test_grounding_attention_term_asks_for_eager_attention():
     model = tiny_model(sam=False, grounding_attention_loss_weight=1.0)
     model.set_attn_implementation("sdpa")

@@ -112,6 +112,9 @@ class NextChatConfig(PreTrainedConfig):
         grounding_attention_heads, region_attention_heads (`list[int]` or `None`, *optional*, defaults to `None`):
             The attention heads whose mean attention mass the trigger term and the region term supervise; `None`:
             all heads. Disjoint lists let the two kinds of lookup — by name and by position — use their own heads.
+        attention_loss_per_head (`bool`, *optional*, defaults to `False`):
+            How the attention terms combine heads: `False`: `−log` of the head-averaged mass; `True`: the mean over
+            heads of each head's `−log` mass, so that every supervised head must find the box, not only their mean.
         sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
             The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
             `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
@@ -160,6 +163,7 @@ class NextChatConfig(PreTrainedConfig):
     grounding_attention_layers: list[int] | None = None
     grounding_attention_heads: list[int] | None = None
     region_attention_heads: list[int] | None = None
+    attention_loss_per_head: bool = False
     sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
@@ -235,6 +239,8 @@ class NextChatConfig(PreTrainedConfig):
             )
         if not isinstance(self.box_region_features, bool):
             raise ValueError(f"`box_region_features` must be True or False, got {self.box_region_features!r}")
+        if not isinstance(self.attention_loss_per_head, bool):
+            raise ValueError(f"`attention_loss_per_head` must be True or False, got {self.attention_loss_per_head!r}")
         for name in ("grounding_attention_heads", "region_attention_heads"):
             heads, count = getattr(self, name), self.text_config.num_attention_heads
             if heads is not None and (

@@ -697,7 +697,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             index = patch_columns[:, None, :].expand(-1, trigger_rows.shape[1], -1).to(trigger_rows.device)
             per_layer.append(torch.gather(trigger_rows, 2, index))
         targets = box_patch_targets(query_boxes, math.isqrt(num_patches))
-        per_query = per_query_attention_loss(torch.stack(per_layer), targets.to(per_layer[0].device))
+        per_query = per_query_attention_loss(
+            torch.stack(per_layer), targets.to(per_layer[0].device), per_head=config.attention_loss_per_head
+        )
         return per_query / len(layers), usable
 
     def _mask_loss(self, output, assistant, slots, mask_targets, normalisers):
