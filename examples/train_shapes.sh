@@ -4,10 +4,10 @@
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
 #   VISION_S=10 PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (s)
-#   REGIONS=1 bash examples/train_shapes.sh   # the region-caption variant: `box_region_features` (not in the
-#                                             # original), grounding weight 2, region captions at weight 0.3 in the
-#                                             # data (two runs: region captions 0.91/0.95, REC 0.78/0.51;
-#                                             # training/README.md)
+#   REGIONS=1 bash examples/train_shapes.sh   # adds `box_region_features` (not in the original), grounding
+#                                             # weight 2, region captions at weight 0.3 in the data (two runs on
+#                                             # the previous recipe: region captions 0.91/0.95, REC 0.78/0.51;
+#                                             # training/README.md; not run on the current one)
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
@@ -17,8 +17,9 @@
 # nextchat/training/vision_pretrain.py for why).
 # Phase 1 (stage "stage2", 510 s, starting from that tower): projector, LLaMA and the box heads with CLIP frozen,
 # as in the original's stages 1-2, reading the data in file order (train_sampling_strategy "sequential"), so the
-# warm-up comes first; plus the grounding-attention term (not in the original: each answer trigger is asked to
-# attend to its object's patches, which a from-scratch model otherwise learns last).
+# warm-up comes first; plus two training-only attention terms (not in the original): each of heads 0-2 of every
+# answer trigger is asked to attend to its object's patches, which a from-scratch model otherwise learns last, and
+# head 3 of every region-caption token to the given box's patches (training/configs/shapes_tiny.json).
 # Phase 2 (stage "sam", 230 s, batches of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
 # original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
 # prompted with the ground-truth box in training (`sam_box_prompt` "target"; generation uses the predicted one).

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 DEFAULT_KEYS = ("loss", "lm_loss", "box_l1_loss", "box_giou_loss", "mask_ce_loss", "mask_dice_loss",
-                "cycle_embed_loss", "grounding_attention_loss", "learning_rate")
+                "cycle_embed_loss", "grounding_attention_loss", "region_attention_loss", "learning_rate")
 
 
 def read_log_history(path: str, logging_steps: int = 1) -> list[dict]:
