@@ -145,11 +145,17 @@ def test_quickstart_on_the_shipped_model_draws_its_boxes(tmp_path, capsys):
     assert boxes, printed
     drawn = np.asarray(Image.open(tmp_path / "answer.png").convert("RGB"))
     assert drawn.shape == (256, 256, 3)
+    def rgb(k):
+        return np.array(Image.new("RGB", (1, 1), DRAW_COLORS[k % len(DRAW_COLORS)]).getpixel((0, 0)))
+
     for k, box in enumerate(boxes):
-        colour = np.array(Image.new("RGB", (1, 1), DRAW_COLORS[k % len(DRAW_COLORS)]).getpixel((0, 0)))
+        # a later box drawn (within a pixel at 4x) on top of this one covers its edges with its own colour
+        covering = [j for j in range(k + 1, len(boxes)) if max(abs(4 * a - 4 * b) for a, b in zip(box, boxes[j])) <= 1]
+        colours = [rgb(j) for j in [k] + covering]
         x1, y1, x2, y2 = (int(round(4 * v)) for v in box)
         x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, 256) - 1, min(y2, 256) - 1
         for row in (y1, y2):  # top and bottom edges carry the colour along most of their length (the printed
             # box is rounded to 0.1 px, so the drawn edge may be one row off at 4x)
             near = [r for r in (row - 1, row, row + 1) if 0 <= r < 256]
-            assert max((drawn[r, x1:x2 + 1] == colour).all(-1).mean() for r in near) > 0.5, (k, box)
+            edge = [sum((drawn[r, x1:x2 + 1] == colour).all(-1) for colour in colours).mean() for r in near]
+            assert max(edge) > 0.5, (k, box)
