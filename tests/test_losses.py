@@ -120,16 +120,22 @@ def test_each_term_equals_reference_on_one_sample():
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_grounding_attention_term_equals_reference():
-    """-log of the head-averaged attention mass of each assistant trigger on the patches of its box, by hand."""
+def grounding_attention_sample():
+    """SAMPLE as model inputs, with each assistant trigger's target patches by hand: `(inputs, targets,
+    patch_columns, assistant_columns)`. 2x2 patch grid (centres at 0.25 and 0.75), row-major. The answer's boxes:
+    1 [0.2, 0.1, 0.7, 0.9] holds the centres of the left column (patches 0 and 2); 2 [0.0, 0.3, 0.4, 0.5] holds no
+    centre, its own centre (0.2, 0.4) lies in patch 0. The prompt's trigger (a user box) has no target."""
     sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
                   box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
-    # 2x2 patch grid (centres at 0.25 and 0.75), row-major. The answer's boxes: 1 [0.2, 0.1, 0.7, 0.9] holds the
-    # centres of the left column (patches 0 and 2); 2 [0.0, 0.3, 0.4, 0.5] holds no centre, its own centre
-    # (0.2, 0.4) lies in patch 0. The prompt's trigger (a user box) has no target and does not count.
     targets = [[0, 2], [0]]
     patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
     assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
+    return sample, targets, patch_columns, assistant_columns
+
+
+def test_grounding_attention_term_equals_reference():
+    """-log of the head-averaged attention mass of each assistant trigger on the patches of its box, by hand."""
+    sample, targets, patch_columns, assistant_columns = grounding_attention_sample()
     for layers, expected_layers in ((None, [1]), ([0, -1], [0, 1])):
         model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=0.5, grounding_attention_layers=layers)
         model.set_attn_implementation("eager")
@@ -151,11 +157,7 @@ def test_grounding_attention_term_equals_reference():
 def test_per_head_attention_term_averages_each_heads_log_mass():
     """`attention_loss_per_head`: the mean over heads of `−log` of each head's mass, by hand — which is larger than
     `−log` of the mean mass whenever the heads disagree (Jensen), so the two reductions can be told apart."""
-    sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
-                  box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
-    targets = [[0, 2], [0]]  # as in the test above
-    patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
-    assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
+    sample, targets, patch_columns, assistant_columns = grounding_attention_sample()
     losses = {}
     for per_head in (False, True):
         model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=1.0, attention_loss_per_head=per_head)
