@@ -184,3 +184,63 @@ def test_time_budget_stops_every_process_after_the_same_step(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     steps = [json.load(open(tmp_path / f"steps_{rank}.json")) for rank in (0, 1)]
     assert steps == [6, 6]
+
+
+SCHEDULE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, types
+    import torch
+    torch.set_num_threads(1)
+    from transformers import TrainingArguments
+    import nextchat.training.trainer as trainer_module
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y):
+            return {"loss": ((self.linear(x)[:, 0] - y) ** 2).mean()}
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(64)]
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 1:  # rank 1's clock runs half a budget ahead of rank 0's
+        trainer_module.time = types.SimpleNamespace(time=lambda: time.time() + 50.0)
+    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
+                             ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
+                             dataloader_num_workers=0, optim="sgd", learning_rate=0.1, lr_scheduler_type="cosine",
+                             warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0)
+    model = Regression()
+    trainer = trainer_module.NextChatTrainer(model=model, args=args, train_dataset=data, time_budget_s=100.0)
+    trainer.train()
+    torch.save({"state": model.state_dict(), "lr": trainer.lr_scheduler.get_last_lr()[0]},
+               os.path.join(sys.argv[1], f"rank_{rank}.pt"))
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+    """
+)
+
+
+def test_wall_clock_schedule_keeps_replicas_identical(tmp_path):
+    # The learning rate of a time-budget run follows the clock. If each process read its own, the replicas would
+    # step with different learning rates and their weights would drift apart (DDP syncs gradients, not weights).
+    # Rank 1's clock is skewed by half the budget here: the weights must still be bit-identical, with rank 0's rate.
+    script = tmp_path / "schedule_run.py"
+    script.write_text(SCHEDULE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    # rank 0's clock: a few seconds of a 100 s cosine leave the rate near its peak (rank 1's own would be ~half)
+    assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["lr"] > 0.09

@@ -94,7 +94,9 @@ class NextChatTrainer(Trainer):
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             start = trainer._start_time or time.time()
-            progress = min(max((time.time() - start) / budget, 0.0), 1.0)
+            # rank 0's clock for every process: with each its own, the replicas would step with slightly different
+            # learning rates and drift apart
+            progress = _rank0_value(min(max((time.time() - start) / budget, 0.0), 1.0), trainer.args)
             if kind == "cosine":
                 return 0.5 * (1.0 + math.cos(math.pi * progress))
             if kind == "warmup_stable_decay":  # constant, then a cosine decay over the last `decay_fraction`
