@@ -622,6 +622,35 @@ def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path)
     assert os.path.getmtime(tmp_path / "warm" / "data.jsonl") == stamp
 
 
+def test_a_step_budget_run_is_the_same_run_every_time(tmp_path):
+    """The shapes recipe runs for a fixed number of steps (no `time_budget_s`), so that its result does not depend on
+    the machine's speed: two runs of one config, with a shuffling sampler and the image work in a dataloader worker,
+    end with bit-identical weights and logged losses."""
+    from nextchat.training.train import run
+
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
+                  "scratch": TINY_SPEC, "seed": 0},
+        "stage": "full",
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, **SCENE}},
+        "training_args": {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 5e-3,
+                          "lr_scheduler_type": "cosine", "warmup_steps": 1, "logging_steps": 1,
+                          "save_strategy": "no", "dataloader_num_workers": 1, "seed": 3, "disable_tqdm": True,
+                          "use_cpu": True},
+    }
+    results = []
+    for name in ("first", "second"):
+        trainer, model, _ = run({**config, "training_args": {**config["training_args"], "output_dir": name}},
+                                root=str(tmp_path))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        results.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (losses_a, state_a), (losses_b, state_b) = results
+    assert len(losses_a) == 4 and losses_a == losses_b
+    assert losses_a[0] != losses_a[-1]
+    for name, value in state_a.items():
+        assert torch.equal(value, state_b[name]), name
+
+
 def test_scratch_config_takes_ids_from_processor(processor):
     config = scratch_config(processor, TINY_SPEC)
     assert config.text_config.vocab_size == len(processor.tokenizer)

@@ -31,7 +31,9 @@ Config keys (see `training/configs/*.json` for complete examples):
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
   "time_budget_s": 780,                          # optional: stop (and save) after this many seconds of training;
-                                                 # the cosine/linear decay then runs over wall-clock time
+                                                 # the cosine/linear decay then runs over wall-clock time, so
+                                                 # two runs differ (without it: training_args.max_steps, the
+                                                 # same run every time on one machine)
   "loss_weight_starts": {"region_attention_loss_weight": 0.6},   # optional: hold a loss weight at 0 until that
                                                  # fraction of time_budget_s, or {"when_below": {"grounding_attention_loss":
                                                  # 0.25}, "earliest": 0.5, "latest": 0.7} (trainer.LossWeightStartCallback)
