@@ -133,9 +133,15 @@ def test_lone_object_scenes_and_generator_cli(tmp_path):
     synthetic_main([str(tmp_path / "by_colour"), "--num", "20", "--max-objects", "2", "--hard-fraction", "1",
                     "--same-shape-fraction", "1"])
     assert all(_shares(json.loads(line)["objects"], "shape") for line in open(tmp_path / "by_colour" / "data.jsonl"))
+    synthetic_main([str(tmp_path / "by_name"), "--num", "20", "--tasks", "gc", "--caption-order", "name"])
+    by_name = [json.loads(line) for line in open(tmp_path / "by_name" / "data.jsonl")]
+    assert [r["conversations"] for r in by_name] == [
+        make_sample(seed, tasks=("gc",), caption_order="name")[1]["conversations"] for seed in range(20)]
     for bad in ("reg", "reg=x", "caption=1", "reg=-1"):
         with pytest.raises(SystemExit):
             synthetic_main([str(tmp_path / "bad"), "--task-weights", bad])
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "bad"), "--caption-order", "left"])
 
 
 def test_shape_masks_are_exact_geometry():
@@ -204,6 +210,27 @@ def test_grounded_captions_name_each_object_once_at_its_box_in_no_fixed_order():
         left_to_right.append(x_centres == sorted(x_centres))
     # a fixed (e.g. left-to-right) order would let the k-th box be found by position instead of by name
     assert 0.2 < np.mean(left_to_right) < 0.8
+
+
+def test_grounded_captions_by_name_list_colour_then_shape_and_change_nothing_else():
+    palette = ["red", "green", "blue", "yellow", "purple"]  # the generator's colour order, written out by hand
+    shapes = ["square", "circle", "triangle", "diamond"]
+    reordered = 0
+    for seed in range(60):
+        _, record = make_sample(seed, tasks=("gc",), min_turns=1, max_turns=1, caption_order="name")
+        _, default = make_sample(seed, tasks=("gc",), min_turns=1, max_turns=1)
+        named = re.findall(r"a (\w+) (\w+) \[(\d+)\]", record["conversations"][1]["content"])
+        keys = [(palette.index(c), shapes.index(s)) for c, s, _ in named]
+        assert keys == sorted(keys)
+        by_name = {(o["color"], o["shape"]): o["box"] for o in record["objects"]}
+        assert sorted((c, s) for c, s, _ in named) == sorted(by_name)
+        for color, shape, index in named:
+            assert record["boxes"][int(index)] == by_name[(color, shape)]
+        assert record["objects"] == default["objects"] and record["task"] == default["task"]
+        reordered += record["conversations"] != default["conversations"]
+    assert reordered > 10
+    with pytest.raises(ValueError, match="caption_order"):
+        make_sample(0, tasks=("gc",), caption_order="left")
 
 
 def test_referring_queries_have_distractors_at_least_half_the_time():

@@ -212,10 +212,19 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def gc_answer(objects: list[dict], ref, rng: np.random.Generator) -> str:
-    """Grounded caption listing the objects in an order drawn from `rng`; `ref(k)` gives the reference string of
-    object k."""
-    order = rng.permutation(len(objects)).tolist()
+CAPTION_ORDERS = ("random", "name")
+
+
+def gc_answer(objects: list[dict], ref, rng: np.random.Generator, caption_order: str = "random") -> str:
+    """Grounded caption listing the objects in an order drawn from `rng` (`caption_order="random"`), or by name:
+    colour, then shape, in the order of `COLORS` and `SHAPES` (`"name"`: what to say next is then fixed by what is in
+    the image, and still says nothing about where it is); `ref(k)` gives the reference string of object k."""
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"`caption_order` must be one of {CAPTION_ORDERS}, got {caption_order!r}")
+    order = rng.permutation(len(objects)).tolist()  # drawn in both modes, so that later draws are the same
+    if caption_order == "name":
+        colors = list(COLORS)
+        order.sort(key=lambda k: (colors.index(objects[k]["color"]), SHAPES.index(objects[k]["shape"])))
     parts = [f"a {phrase(objects[k])} {ref(k)}" for k in order]
     n = len(objects)
     head = "There is one object: " if n == 1 else f"There are {NUMBER_WORDS.get(n, str(n))} objects: "
@@ -223,8 +232,10 @@ def gc_answer(objects: list[dict], ref, rng: np.random.Generator) -> str:
 
 
 def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, max_turns: int = 3,
-                task_weights: dict | None = None, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
-    """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`."""
+                task_weights: dict | None = None, caption_order: str = "random",
+                **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
+    """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`.
+    `caption_order`: how a grounded caption orders its objects (`gc_answer`)."""
     image, objects = render_scene(seed, **scene_kwargs)
     rng = np.random.default_rng([seed, 1])
     weights = np.array([(task_weights or {}).get(t, 1.0) for t in tasks], dtype=np.float64)
@@ -262,7 +273,7 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
         else:
             used_gc = True
             question = GC_TEMPLATES[rng.integers(len(GC_TEMPLATES))]
-            answer = gc_answer(objects, ref, rng)
+            answer = gc_answer(objects, ref, rng, caption_order)
             queries.append({"task": task, "object": None})
         if turn == 0:
             question = "<image> " + question
@@ -417,6 +428,8 @@ def main(argv=None):
                         help="fraction of scenes with one object only")
     parser.add_argument("--same-shape-fraction", type=float, default=0.5,
                         help="probability that a distractor shares the shape (not the colour) of its object")
+    parser.add_argument("--caption-order", choices=CAPTION_ORDERS, default="random",
+                        help="order of the objects in a grounded caption: random, or by name (colour, then shape)")
     args = parser.parse_args(argv)
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
@@ -435,7 +448,7 @@ def main(argv=None):
         min_turns=args.min_turns, max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
         single_object_fraction=args.single_object_fraction, same_shape_fraction=args.same_shape_fraction,
-        task_weights=task_weights or None,
+        task_weights=task_weights or None, caption_order=args.caption_order,
     )
     print(path)
 
