@@ -3,7 +3,7 @@
 # with the project's Trainer path, then evaluate it on seeds never used for training.
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
-#   VISION_S=10 PHASE1_S=30 PHASE2_S=15 bash examples/train_shapes.sh    # a quick check of the whole path (s)
+#   VISION_STEPS=50 PHASE1_STEPS=20 PHASE2_STEPS=10 bash examples/train_shapes.sh   # a quick check of the whole path
 #   REGIONS=1 bash examples/train_shapes.sh   # adds `box_region_features` (not in the original), grounding
 #                                             # weight 2, region captions at weight 0.3 in the data (two runs on
 #                                             # the previous recipe: region captions 0.91/0.95, REC 0.78/0.51;
@@ -12,19 +12,23 @@
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
 # can be answered by copying an earlier turn's box: measured worse); written by two processes in parallel (~30 s).
-# Stage 0 (90 s): the vision tower alone learns to name the object under every patch (colour x shape) and to
-# regress that object's box, from the generator's masks: our stand-in for CLIP pretraining (see
+# Stage 0 (2000 steps, ~85 s): the vision tower alone learns to name the object under every patch (colour x shape)
+# and to regress that object's box, from the generator's masks: our stand-in for CLIP pretraining (see
 # nextchat/training/vision_pretrain.py for why).
-# Phase 1 (stage "stage2", 510 s, starting from that tower): projector, LLaMA and the box heads with CLIP frozen,
-# as in the original's stages 1-2, reading the data in file order (train_sampling_strategy "sequential"), so the
-# warm-up comes first; plus two training-only attention terms (not in the original): each of heads 0-2 of every
-# answer trigger is asked to attend to its object's patches, which a from-scratch model otherwise learns last, and
-# head 3 of every region-caption token to the given box's patches (training/configs/shapes_tiny.json).
-# Phase 2 (stage "sam", 230 s, batches of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
+# Phase 1 (stage "stage2", 1300 steps of 2 x 32, ~500 s, starting from that tower): projector, LLaMA and the box
+# heads with CLIP frozen, as in the original's stages 1-2, reading the data in file order
+# (train_sampling_strategy "sequential"), so the warm-up comes first; plus two training-only attention terms (not in
+# the original): each of heads 0-2 of every answer trigger is asked to attend to its object's patches, which a
+# from-scratch model otherwise learns last, and head 3 of every region-caption token to the given box's patches
+# (training/configs/shapes_tiny.json).
+# Phase 2 (stage "sam", 600 steps of 2 x 16, ~220 s): seg_prompt_mlp and SAM with everything else frozen — the
 # original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
 # prompted with the ground-truth box in training (`sam_box_prompt` "target"; generation uses the predicted one).
-# Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each); the learning-rate decay of
-# each runs over its wall-clock budget, so a slower or shared machine trains fewer steps, not longer.
+# Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each) for a fixed number of steps,
+# with the learning rate decaying over those steps: a run is then the same run every time (with NPROC=2), so its
+# result does not depend on how fast the machine happened to be. The step counts fit the 15 minutes on the 2-core
+# CPU it was made on (an AMD EPYC VM); a slower machine takes longer. (The earlier recipe decayed over
+# a wall-clock budget instead, `time_budget_s`, which made every run a different one.)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-$ROOT/runs}
@@ -40,22 +44,23 @@ start=$(date +%s)
 $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
     --min-objects 1 --max-objects 1 --max-turns 1 &
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 --max-turns 1 \
-    "${REGION_DATA[@]}" &
+    --caption-order name "${REGION_DATA[@]}" &
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
-    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --time-budget "${VISION_S:-90}" \
-    --max-steps 100000 --box-loss-weight 1
+    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-2000}" \
+    --box-loss-weight 1
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
     --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
-    --set data.synthetic=null --set time_budget_s="${PHASE1_S:-510}" "${REGION_MODEL[@]}" \
+    --set data.synthetic=null --set training_args.max_steps="${PHASE1_STEPS:-1300}" --set model.seed=4 \
+    "${REGION_MODEL[@]}" \
     --set data.train="[\"$DATA/warmup/data.jsonl\", \"$DATA/train/data.jsonl\"]" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase1\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/phase1/final\""
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny_masks.json" \
     --set model.pretrained="\"$RUNS/shapes_tiny/phase1/final\"" \
-    --set data.train="\"$DATA/train/data.jsonl\"" --set time_budget_s="${PHASE2_S:-230}" \
+    --set data.train="\"$DATA/train/data.jsonl\"" --set training_args.max_steps="${PHASE2_STEPS:-600}" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase2\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/final\""
 end=$(date +%s)
