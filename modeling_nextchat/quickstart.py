@@ -104,8 +104,8 @@ def main(argv=None):
               "answer.")
     elif shipped:
         print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it boxes and segments "
-              "the object a phrase names (97 times in 100) and names the object in a given box (9 in 10), but when "
-              "it describes a scene it finds only 4 objects in 5 and can list one twice, as below (scores in "
+              "the object a phrase names (96 times in 100), names the object in a given box (9 in 10) and, when it "
+              "describes a scene, finds 9 objects in 10; it still misses or repeats one at times (scores in "
               "examples/tiny-nextchat-shapes/README.md).")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
