@@ -132,67 +132,14 @@ def test_entry_point_sets_up_cpu_data_parallelism(monkeypatch, tmp_path):
     assert "ddp_backend" not in captured
 
 
-BUDGET_SCRIPT = textwrap.dedent(
+# The two runs below train a tiny regression in 2 gloo processes with the trainer pieces under test; each script
+# is this prelude (the model, 64 seeded samples, this process's `rank`), its own body, and the common teardown.
+REGRESSION_PRELUDE = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, time, types
     import torch
     torch.set_num_threads(1)
     from transformers import Trainer, TrainingArguments
-    from nextchat.training.trainer import TimeBudgetCallback
-
-    class Regression(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 1)
-
-        def forward(self, x, y):
-            return {"loss": ((self.linear(x)[:, 0] - y) ** 2).mean()}
-
-    data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(64)]
-    rank = int(os.environ.get("RANK", "0"))
-    # rank 1's clock says the budget is spent at once; rank 0's never does: rank 0 must decide for both
-    budget = TimeBudgetCallback(0.0 if rank == 1 else 1e9)
-    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
-                             ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
-                             dataloader_num_workers=0)
-    trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[budget])
-    trainer.train()
-    with open(os.path.join(sys.argv[1], f"steps_{rank}.json"), "w") as f:
-        json.dump(trainer.state.global_step, f)
-    import torch.distributed as dist
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
-    """
-)
-
-
-def test_time_budget_stops_every_process_after_the_same_step(tmp_path):
-    # Each process has its own clock; if one stopped a step before the other, the other would wait forever in its
-    # next all-reduce. Here rank 1 believes the budget is spent from the first step: both must still run to the
-    # step rank 0 decides (max_steps, as rank 0's budget never runs out), and the run must end.
-    script = tmp_path / "budget_run.py"
-    script.write_text(BUDGET_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    steps = [json.load(open(tmp_path / f"steps_{rank}.json")) for rank in (0, 1)]
-    assert steps == [6, 6]
-
-
-SCHEDULE_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time, types
-    import torch
-    torch.set_num_threads(1)
-    from transformers import TrainingArguments
-    import nextchat.training.trainer as trainer_module
 
     class Regression(torch.nn.Module):
         def __init__(self):
@@ -205,17 +152,11 @@ SCHEDULE_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     data = [{"x": torch.randn(4), "y": torch.randn(())} for _ in range(64)]
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 1:  # rank 1's clock runs half a budget ahead of rank 0's
-        trainer_module.time = types.SimpleNamespace(time=lambda: time.time() + 50.0)
-    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
-                             ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
-                             dataloader_num_workers=0, optim="sgd", learning_rate=0.1, lr_scheduler_type="cosine",
-                             warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0)
-    model = Regression()
-    trainer = trainer_module.NextChatTrainer(model=model, args=args, train_dataset=data, time_budget_s=100.0)
-    trainer.train()
-    torch.save({"state": model.state_dict(), "lr": trainer.lr_scheduler.get_last_lr()[0]},
-               os.path.join(sys.argv[1], f"rank_{rank}.pt"))
+    """
+)
+
+GLOO_TEARDOWN = textwrap.dedent(
+    """
     import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
@@ -225,12 +166,10 @@ SCHEDULE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_wall_clock_schedule_keeps_replicas_identical(tmp_path):
-    # The learning rate of a time-budget run follows the clock. If each process read its own, the replicas would
-    # step with different learning rates and their weights would drift apart (DDP syncs gradients, not weights).
-    # Rank 1's clock is skewed by half the budget here: the weights must still be bit-identical, with rank 0's rate.
-    script = tmp_path / "schedule_run.py"
-    script.write_text(SCHEDULE_SCRIPT)
+def _run_regression_in_two_processes(body: str, tmp_path):
+    """Run prelude + `body` + teardown under torchrun with 2 processes; `sys.argv[1]` is `tmp_path`."""
+    script = tmp_path / "two_process_run.py"
+    script.write_text(REGRESSION_PRELUDE + textwrap.dedent(body) + GLOO_TEARDOWN)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     run = subprocess.run(
@@ -239,6 +178,54 @@ def test_wall_clock_schedule_keeps_replicas_identical(tmp_path):
         capture_output=True, text=True, timeout=180, env=env,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def test_time_budget_stops_every_process_after_the_same_step(tmp_path):
+    # Each process has its own clock; if one stopped a step before the other, the other would wait forever in its
+    # next all-reduce. Here rank 1 believes the budget is spent from the first step: both must still run to the
+    # step rank 0 decides (max_steps, as rank 0's budget never runs out), and the run must end.
+    _run_regression_in_two_processes(
+        """
+        from nextchat.training.trainer import TimeBudgetCallback
+
+        # rank 1's clock says the budget is spent at once; rank 0's never does: rank 0 must decide for both
+        budget = TimeBudgetCallback(0.0 if rank == 1 else 1e9)
+        args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
+                                 ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
+                                 dataloader_num_workers=0)
+        trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[budget])
+        trainer.train()
+        with open(os.path.join(sys.argv[1], f"steps_{rank}.json"), "w") as f:
+            json.dump(trainer.state.global_step, f)
+        """,
+        tmp_path,
+    )
+    steps = [json.load(open(tmp_path / f"steps_{rank}.json")) for rank in (0, 1)]
+    assert steps == [6, 6]
+
+
+def test_wall_clock_schedule_keeps_replicas_identical(tmp_path):
+    # The learning rate of a time-budget run follows the clock. If each process read its own, the replicas would
+    # step with different learning rates and their weights would drift apart (DDP syncs gradients, not weights).
+    # Rank 1's clock is skewed by half the budget here: the weights must still be bit-identical, with rank 0's rate.
+    _run_regression_in_two_processes(
+        """
+        import nextchat.training.trainer as trainer_module
+
+        if rank == 1:  # rank 1's clock runs half a budget ahead of rank 0's
+            trainer_module.time = types.SimpleNamespace(time=lambda: time.time() + 50.0)
+        args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=6, use_cpu=True,
+                                 ddp_backend="gloo", save_strategy="no", report_to="none", disable_tqdm=True,
+                                 dataloader_num_workers=0, optim="sgd", learning_rate=0.1,
+                                 lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0)
+        model = Regression()
+        trainer = trainer_module.NextChatTrainer(model=model, args=args, train_dataset=data, time_budget_s=100.0)
+        trainer.train()
+        torch.save({"state": model.state_dict(), "lr": trainer.lr_scheduler.get_last_lr()[0]},
+                   os.path.join(sys.argv[1], f"rank_{rank}.pt"))
+        """,
+        tmp_path,
+    )
     ranks = [torch.load(tmp_path / f"rank_{rank}.pt", weights_only=True) for rank in (0, 1)]
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name
