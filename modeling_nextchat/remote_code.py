@@ -24,6 +24,7 @@ REMOTE_CODE_MODULES = {
 }
 
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_nextchat.NextChatProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_nextchat.NextChatImageProcessor"}
 
 _RELATIVE_IMPORT = re.compile(r"^(?P<indent>\s*)from\s+\.+(?:\w+\.)*(?P<module>\w+)\s+import\b", re.MULTILINE)
 
@@ -41,6 +42,27 @@ def add_auto_map(json_path: str, entries: dict):
     with open(json_path, "w", encoding="utf-8") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def add_processor_auto_map(save_directory: str):
+    """`auto_map` entries of a saved processor folder: `AutoProcessor` in `processor_config.json`, and
+    `AutoImageProcessor` wherever the image processor's settings were written (nested in `processor_config.json`,
+    or `preprocessor_config.json`), because transformers loads a processor's image processor through
+    `AutoImageProcessor`."""
+    processor_path = os.path.join(save_directory, "processor_config.json")
+    if os.path.isfile(processor_path):
+        with open(processor_path, encoding="utf-8") as handle:
+            content = json.load(handle)
+        content["auto_map"] = {**content.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
+        nested = content.get("image_processor")
+        if isinstance(nested, dict):
+            nested["auto_map"] = {**nested.get("auto_map", {}), **IMAGE_PROCESSOR_AUTO_MAP}
+        with open(processor_path, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+    image_path = os.path.join(save_directory, "preprocessor_config.json")
+    if os.path.isfile(image_path):
+        add_auto_map(image_path, {**IMAGE_PROCESSOR_AUTO_MAP, **PROCESSOR_AUTO_MAP})
 
 
 def _source_path(module_name: str) -> str | None:

@@ -511,26 +511,8 @@ class NextChatProcessor(ProcessorMixin):
             # From the installed package; code loaded from the Hub is flat already and transformers copies it.
             remote_code = importlib.import_module("nextchat.remote_code")
             remote_code.write_remote_code(save_directory)
-            remote_code.add_auto_map(os.path.join(save_directory, "processor_config.json"), remote_code.PROCESSOR_AUTO_MAP)
+            remote_code.add_processor_auto_map(save_directory)
         return result
-
-    @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # Load the image processor with this class directly, so no Auto registration is needed (local package or
-        # remote code alike); the tokenizer goes through AutoTokenizer as usual.
-        kwargs = dict(kwargs)
-        subfolder = kwargs.pop("subfolder", "")
-        tokenizer = cls._load_tokenizer_from_pretrained(
-            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
-        image_config = (processor_dict or {}).get("image_processor")
-        if isinstance(image_config, dict):
-            image_processor = NextChatImageProcessor.from_dict(image_config)
-        else:
-            image_processor = NextChatImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            )
-        return [image_processor, tokenizer]
 
     # -- parsing ----------------------------------------------------------------------------------------------
 
