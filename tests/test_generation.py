@@ -265,6 +265,35 @@ def test_static_cache_matches_dynamic_cache(model):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+@torch.no_grad()
+def test_generation_without_cache_matches_the_naive_reference_and_the_cached_run(model, do_sample):
+    """`use_cache=False` re-reads the whole sequence at every step: same tokens, logits, boxes and masks as the
+    naive reference and as generation with the cache (LLaVA and Kosmos-2 support it too)."""
+    prompts, boxes = [PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B]
+    inputs = batch(prompts, boxes)
+    prompt_length = inputs["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=9, do_sample=do_sample, top_k=0, top_p=1.0, return_dict_in_generate=True,
+                  output_logits=True, pad_token_id=0, eos_token_id=EOS, sam_pixel_values=sam_images(2),
+                  logits_processor=LogitsProcessorList([ForceTriggerAt(prompt_length, TRIGGER_STEPS)]))
+    torch.manual_seed(3)
+    cached = model.generate(**inputs, **kwargs)
+    torch.manual_seed(3)
+    uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for r in range(2):
+        generated = generated_tokens(uncached.sequences, r, prompt_length)
+        logits, answer_boxes = naive_reference(model, prompts[r], row_images_of(inputs, prompts, r), boxes[r], generated)
+        got = torch.stack([uncached.logits[t][r] for t in range(len(generated))])
+        torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-5)
+        assert len(answer_boxes) >= 2
+        torch.testing.assert_close(uncached.pred_boxes[r], torch.stack(answer_boxes), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(uncached.pred_masks[r], cached.pred_masks[r], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(uncached.iou_scores[r], cached.iou_scores[r], atol=1e-5, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_masks_after_generation_run_sam_once_per_image(model):
     inputs = batch([PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B])
@@ -364,8 +393,6 @@ def test_plain_tensor_without_return_dict_and_streaming(model):
 
 def test_unsupported_modes_raise(model):
     inputs = batch([PROMPT_A], [BOXES_A])
-    with pytest.raises(ValueError, match="use_cache"):
-        model.generate(**inputs, max_new_tokens=2, use_cache=False)
     with pytest.raises(ValueError, match="assistant_model"):
         model.generate(**inputs, max_new_tokens=2, assistant_model=model)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
