@@ -38,7 +38,7 @@ setup(
     install_requires=[
         "torch>=2.4,<3",
         "torchvision>=0.19",
-        "transformers>=5.20,<6",
+        "transformers>=5.24,<6",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "segment-anything>=1.0",
@@ -56,6 +56,7 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
+            "parameterized>=0.9",  # imported by transformers' common tests (tests/test_transformers_common.py)
             "pycocoevalcap>=1.2",
             "pycocotools>=2.0.6",
             "gradio>=6.0,<7",

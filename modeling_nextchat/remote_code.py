@@ -93,3 +93,33 @@ def write_remote_code(save_directory: str) -> list[str]:
             handle.write(source)
         written.append(file_name)
     return written
+
+
+def refresh_folder(folder: str) -> list[str]:
+    """Rewrites the remote code and the `auto_map` entries of an existing saved folder from the installed sources,
+    exactly as `save_pretrained` writes them, without touching its weights or settings; returns the code files."""
+    from .modeling_nextchat import MODEL_AUTO_MAP
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"`folder` {folder!r} has no config.json: not a saved NExT-Chat folder")
+    written = write_remote_code(folder)
+    add_auto_map(os.path.join(folder, "config.json"), MODEL_AUTO_MAP)
+    add_processor_auto_map(folder)
+    return written
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Refresh the remote code (trust_remote_code files and auto_map) of saved NExT-Chat folders from "
+        "the installed nextchat, e.g. after upgrading it; weights and settings are left as they are."
+    )
+    parser.add_argument("folders", nargs="+", help="folders written by save_pretrained or nextchat-convert")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        print(f"{folder}: wrote {', '.join(refresh_folder(folder))}")
+
+
+if __name__ == "__main__":
+    main()
