@@ -2,6 +2,7 @@
 
 from .image_processing_nextchat import (
     NextChatImageProcessor,
+    NextChatImagesKwargs,
     boxes_from_square_frame,
     boxes_to_sam_frame,
     boxes_to_square_frame,
@@ -18,6 +19,7 @@ from .image_processing_nextchat import (
 from .processing_nextchat import (
     VICUNA_V1_1_CHAT_TEMPLATE,
     NextChatProcessor,
+    NextChatProcessorKwargs,
     draw_grounding,
     escape_text,
 )
@@ -26,7 +28,9 @@ from .tiny import build_tiny_processor, build_tiny_tokenizer
 
 __all__ = [
     "NextChatImageProcessor",
+    "NextChatImagesKwargs",
     "NextChatProcessor",
+    "NextChatProcessorKwargs",
     "VICUNA_V1_1_CHAT_TEMPLATE",
     "boxes_from_square_frame",
     "boxes_to_sam_frame",

@@ -316,6 +316,41 @@ def test_box_only_processor_has_no_sam():
         ip(random_image(5, 6), return_sam_pixel_values=True)
 
 
+def test_per_call_overrides_change_the_pixels_and_only_for_that_call():
+    """ImagesKwargs-style overrides (`do_normalize`, `image_mean`, `size`, ...) act on one call, and equal a processor
+    configured that way; the normalisation is checked against its inverse (independent algebra)."""
+    ip = small_processor()
+    image = random_image(11, 17)
+    default = ip(image, return_tensors="np")
+    raw = ip(image, return_tensors="np", do_normalize=False)["pixel_values"]
+    mean = np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(OPENAI_CLIP_STD, dtype=np.float32)[:, None, None]
+    np.testing.assert_allclose(default["pixel_values"] * std + mean, raw, atol=1e-6)
+    unscaled = ip(image, return_tensors="np", do_rescale=False, do_normalize=False)["pixel_values"]
+    np.testing.assert_allclose(unscaled / 255, raw, atol=1e-6)
+    assert np.all(unscaled == np.round(unscaled)) and unscaled.max() > 1
+    for overrides in (
+        {"image_mean": 0.5, "image_std": 0.25},
+        {"size": 14, "crop_size": 14},
+        {"do_center_crop": False, "size": {"height": 20, "width": 10}},
+        {"sam_image_size": 32, "sam_pixel_mean": [0, 0, 0]},
+        {"do_pad_to_square": False, "resample": PIL.Image.NEAREST},
+    ):
+        out = ip(image, return_tensors="np", **overrides)
+        configured = small_processor(**overrides)(image, return_tensors="np")
+        for key in ("pixel_values", "sam_pixel_values", "image_sizes"):
+            np.testing.assert_array_equal(out[key], configured[key])
+    # nothing stuck to the processor
+    np.testing.assert_array_equal(ip(image, return_tensors="np")["pixel_values"], default["pixel_values"])
+    assert ip(image, return_tensors="np", do_normalize=None)["pixel_values"].tobytes() == default["pixel_values"].tobytes()
+    with pytest.raises(ValueError, match="do_pad"):
+        ip(image, do_pad=True)
+    with pytest.raises(ValueError, match="device"):
+        ip(image, device="cuda")
+    with pytest.raises(ValueError, match="unknown"):
+        ip(image, do_magic=True)
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 
 

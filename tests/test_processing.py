@@ -471,11 +471,17 @@ def test_apply_chat_template_tokenize_uses_message_images(proc):
     conversation = [
         {"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "What is [0]?"}]}
     ]
-    out = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, boxes=[[0, 0, 5, 5]])
+    out = proc.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, boxes=[[0, 0, 5, 5]]
+    )
     text = proc.apply_chat_template(conversation, add_generation_prompt=True)
     ref = proc(images=IMG, text=text, boxes=[[0, 0, 5, 5]])
+    assert set(out) == set(ref)
     for key in ref:
         torch.testing.assert_close(out[key], ref[key])
+    # transformers' default return_dict=False: the input_ids only
+    ids = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, boxes=[[0, 0, 5, 5]])
+    torch.testing.assert_close(ids, ref["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------- save / load
