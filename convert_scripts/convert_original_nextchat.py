@@ -23,9 +23,11 @@ What it does, in order (nothing is written before every check has passed):
    `inv_freq` of transformers 4.31 (checked against the rope settings of the config) and, in checkpoints
    written by older transformers, CLIP's `embeddings.position_ids` (checked to be 0..n-1).
 4. *Write* the folder with `save_pretrained`: sharded safetensors in the chosen dtype, `config.json` with
-   the token ids, `generation_config.json`, the tokenizer (same ids as the original, including the 4.31
-   whitespace handling around added tokens), the processor (tokenizer + image processor + chat template),
-   the flat remote code (written by the model's `save_pretrained`), and a model card.
+   the token ids, `generation_config.json`, the tokenizer (a fast tokenizer that gives the ids of the
+   original's transformers 4.31 slow tokenizer, following the source's `legacy` flag, which it records; see
+   `load_original_tokenizer`), the processor (tokenizer + image processor + chat template, with
+   `original_legacy` set to that flag), the flat remote code (written by the model's `save_pretrained`), and
+   a model card.
 
 Memory: tensors stay memory-mapped from the original files (file-backed pages the kernel can drop) and
 are converted one by one; the model skeleton lives on the `meta` device. The resident copy is therefore
@@ -526,40 +528,194 @@ def build_text_config(original_config: dict):
     return LlamaConfig(**kwargs)
 
 
-def load_original_tokenizer(original_dir: Path):
-    """The checkpoint's tokenizer, configured to reproduce the ids the original code produced.
+def _json_or_empty(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
 
-    Under transformers 4.31 (the original's pin) the slow LlamaTokenizer stripped the whitespace on both sides
-    of every added token and encoded the text that follows an added token without a leading `▁`
-    (`reference/nextchat_original.md` §4.2: `.` after `<boxes>` is 29889, not `▁.`, and nothing sits between
-    `USER:` and `<im_start>`). transformers 5 reproduces that with `legacy=False` (a `▁` is prepended to the
-    first chunk only) and the five added tokens marked `lstrip=True, rstrip=True`. Ids are unchanged.
+
+def read_original_tokenizer_settings(original_dir: Path) -> dict:
+    """How transformers 4.31's slow `LlamaTokenizer` (the original's pin) tokenised with this folder's files.
+
+    Returns `legacy` (`tokenizer_config.json`'s flag; absent or null means True, 4.31's default), `add_bos_token`,
+    `add_eos_token`, `model_max_length`, `special` (role -> token content: bos, eos, unk, pad) and `strip`
+    (content -> `(lstrip, rstrip)` for every token 4.31 never split: the special tokens and `added_tokens.json`).
+    4.31 stripped the whitespace on both sides of a token that is a plain string (every token of
+    `added_tokens.json`, which `from_pretrained` re-adds as strings, and a special token that
+    `special_tokens_map.json` gives as a string) and followed the flags of one that is an `AddedToken` (a dict in
+    `special_tokens_map.json` or `tokenizer_config.json`; `LlamaTokenizer.__init__` wraps a string bos/eos/unk/pad
+    of `tokenizer_config.json` into `AddedToken(lstrip=False, rstrip=False)`)."""
+    config = _json_or_empty(original_dir / "tokenizer_config.json")
+    special_map = _json_or_empty(original_dir / "special_tokens_map.json")
+    added = _json_or_empty(original_dir / "added_tokens.json")
+    legacy = config.get("legacy")
+    if legacy is None:
+        legacy = True
+    if not isinstance(legacy, bool):
+        raise ConversionError(f"tokenizer_config.json in {original_dir}: `legacy` must be true, false or absent, got {legacy!r}")
+    defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
+    special, flags = {}, {}
+    for role, default in defaults.items():
+        value = config.get(role, default)
+        if isinstance(value, str):
+            value = {"content": value, "lstrip": False, "rstrip": False}  # wrapped by LlamaTokenizer.__init__
+        if role in special_map:
+            value = special_map[role]  # set on the tokenizer after __init__, as it is (a string stays a string)
+        if value is None:
+            continue
+        content = value["content"] if isinstance(value, dict) else value
+        special[role] = content
+        if isinstance(value, dict):
+            flags[content] = (bool(value.get("lstrip", False)), bool(value.get("rstrip", False)))
+    for value in special_map.get("additional_special_tokens") or []:
+        if isinstance(value, dict):
+            flags[value["content"]] = (bool(value.get("lstrip", False)), bool(value.get("rstrip", False)))
+    strip = {content: flags.get(content, (True, True)) for content in list(special.values()) + list(added)}
+    return {
+        "legacy": legacy,
+        "add_bos_token": bool(config.get("add_bos_token", True)),
+        "add_eos_token": bool(config.get("add_eos_token", False)),
+        "model_max_length": config.get("model_max_length"),
+        "special": special,
+        "strip": strip,
+        "added_tokens": {str(t): int(i) for t, i in added.items()},
+    }
+
+
+def _check_sentencepiece_model(original_dir: Path):
+    """The SentencePiece settings the converted pipeline reproduces: BPE, identity normalisation, dummy prefix on,
+    extra whitespace kept, whitespace as prefix. Returns the model proto."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as error:
+        raise ConversionError("reading tokenizer.model needs the `sentencepiece` package: pip install sentencepiece") from error
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((original_dir / "tokenizer.model").read_bytes())
+    normalizer, trainer = proto.normalizer_spec, proto.trainer_spec
+    problems = []
+    if trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        problems.append("model_type is not BPE")
+    if normalizer.name not in ("identity", "") or normalizer.precompiled_charsmap:
+        problems.append(f"normalization {normalizer.name!r} is not identity")
+    if not normalizer.add_dummy_prefix:
+        problems.append("add_dummy_prefix is off")
+    if normalizer.remove_extra_whitespaces:
+        problems.append("remove_extra_whitespaces is on")
+    if trainer.treat_whitespace_as_suffix:
+        problems.append("treat_whitespace_as_suffix is on")
+    if problems:
+        raise ConversionError(
+            f"{original_dir / 'tokenizer.model'} is not a LLaMA-style SentencePiece model ({'; '.join(problems)}); "
+            "the converted tokenizer could not reproduce its ids"
+        )
+    return proto
+
+
+def load_original_tokenizer(original_dir: Path):
+    r"""The checkpoint's tokenizer as a fast tokenizer whose plain `tokenizer(text)` gives the ids transformers 4.31's
+    slow `LlamaTokenizer` gave (the original's pin; `reference/nextchat_original.md` §4.2). Returns
+    `(tokenizer, token_ids)`; the source's `legacy` flag is `tokenizer.init_kwargs["legacy"]` (saved to
+    `tokenizer_config.json`) and, through `build_processor`, the processor's `original_legacy`.
+
+    What 4.31 did, and how the `tokenizers` pipeline written here does the same:
+
+    * The text is split on the added tokens and `<s>`, `</s>`, `<unk>`; whitespace next to a token is stripped as
+      4.31 stripped it (`read_original_tokenizer_settings`): added tokens get `lstrip=rstrip=True`, special tokens
+      their own flags (normally none). The tokens are matched on the raw text (`normalized=False`), so every
+      stretch of text between them is normalised and encoded on its own.
+    * `legacy=True`: every stretch is encoded by SentencePiece with its dummy prefix: normalizer
+      `Prepend("▁")` + `Replace(" ", "▁")`, no pre-tokenizer (`Metaspace` would not add the `▁` to a stretch that
+      starts with a space, SentencePiece does).
+    * `legacy=False`: `▁` in the text is read as a space; only the stretch at the very start gets the prefix:
+      `Metaspace(prepend_scheme="first")`, and a stretch that starts with a space gets one more `▁` (SentencePiece
+      encodes it with its prefix) through `Replace(Regex("\A "), "▁ ")`. 4.31 encoded the other stretches with
+      the prefix and cut the `▁` off the first piece; a `tokenizers` pipeline encodes them without the prefix,
+      which differs where the `▁` took part in a merge (`the` after `<boxes>`: 4.31 cut `▁the` to `the`, `<unk>`
+      when that is no piece). `NextChatProcessor` (with `original_legacy=False`) reproduces that exactly.
+    * The BPE model keeps SentencePiece's unknown handling: `byte_fallback` as the model has it (transformers 5
+      forces it on, which silently drops unknown characters when the model has no byte pieces), `<unk>` for a run
+      of unknown characters (`fuse_unk`).
+
+    Other differences (tests/test_tokenizer_fidelity.py): the fast tokenizer strips Unicode whitespace next to a
+    token but not the ASCII separators U+001C..U+001F that Python's `str.strip` also removed; with `legacy=False`
+    a typed `▁` right next to a token is not stripped (4.31 turned it into a space first). The processor has none
+    of these differences.
     """
-    from transformers import AddedToken, LlamaTokenizer
+    from tokenizers import Tokenizer
+    from transformers import AddedToken, LlamaTokenizer, PreTrainedTokenizerFast
 
     if not (original_dir / "tokenizer.model").is_file():
         raise ConversionError(f"{original_dir} has no tokenizer.model (the original slow LLaMA tokenizer)")
+    proto = _check_sentencepiece_model(original_dir)
+    settings = read_original_tokenizer_settings(original_dir)
+    legacy = settings["legacy"]
+    stated = _json_or_empty(original_dir / "tokenizer_config.json").get("legacy") is not None
+    logger.info(
+        "tokenizer: legacy=%s (%s)", legacy, "tokenizer_config.json" if stated else "not set: transformers 4.31's default"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = LlamaTokenizer.from_pretrained(str(original_dir), legacy=False)
+        base = LlamaTokenizer.from_pretrained(str(original_dir), legacy=legacy)  # BPE vocab and merges of the model
+    data = json.loads(base.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+    if any(vocab.get(piece) != i for piece, i in pieces.items()):
+        raise ConversionError(f"the BPE vocabulary built from {original_dir / 'tokenizer.model'} does not keep its piece ids")
+    unk_piece = proto.pieces[proto.trainer_spec.unk_id].piece
+    data["model"].update(byte_fallback=bool(proto.trainer_spec.byte_fallback), unk_token=unk_piece, fuse_unk=True)
+
     ids = {}
     for token in ORIGINAL_ADDED_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
+        token_id = settings["added_tokens"].get(token)
+        if token_id is None:
             raise ConversionError(
                 f"the checkpoint's tokenizer in {original_dir} does not know {token!r}; "
                 f"NExT-Chat checkpoints add {list(ORIGINAL_ADDED_TOKENS)} (added_tokens.json)"
             )
         ids[token] = token_id
-    tokenizer.add_tokens(
-        [AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=False) for t in ORIGINAL_ADDED_TOKENS]
+    added = []
+    special_tokens = {}
+    for role, content in settings["special"].items():
+        if content in settings["added_tokens"] or content in special_tokens:
+            continue
+        if content not in pieces:
+            raise ConversionError(f"the special token {role}={content!r} is not a piece of {original_dir / 'tokenizer.model'}")
+        lstrip, rstrip = settings["strip"][content]
+        special_tokens[content] = AddedToken(content, lstrip=lstrip, rstrip=rstrip, normalized=False, special=True)
+        added.append({"id": pieces[content], "content": content, "single_word": False, "lstrip": lstrip,
+                      "rstrip": rstrip, "normalized": False, "special": True})
+    for content, token_id in sorted(settings["added_tokens"].items(), key=lambda item: item[1]):
+        lstrip, rstrip = settings["strip"][content]
+        added.append({"id": token_id, "content": content, "single_word": False, "lstrip": lstrip, "rstrip": rstrip,
+                      "normalized": False, "special": False})
+    data["added_tokens"] = sorted(added, key=lambda item: item["id"])
+    if legacy:
+        data["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ]}
+        data["pre_tokenizer"] = None
+    else:
+        data["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "Replace", "pattern": {"Regex": "\\A "}, "content": "▁ "},
+        ]}
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+
+    special = settings["special"]
+    kwargs = {role: special_tokens.get(special[role], special[role]) for role in ("bos_token", "eos_token", "unk_token") if role in special}
+    kwargs["pad_token"] = special.get("pad_token") or special.get("unk_token")  # the original pads with <unk> (id 0)
+    if isinstance(settings["model_max_length"], int):
+        kwargs["model_max_length"] = settings["model_max_length"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        add_bos_token=settings["add_bos_token"],
+        add_eos_token=settings["add_eos_token"],
+        legacy=legacy,
+        padding_side="left",  # batched generation pads on the left; training collators may override
+        **kwargs,
     )
-    moved = {t: tokenizer.convert_tokens_to_ids(t) for t in ORIGINAL_ADDED_TOKENS if tokenizer.convert_tokens_to_ids(t) != ids[t]}
+    moved = {t: tokenizer.convert_tokens_to_ids(t) for t in ids if tokenizer.convert_tokens_to_ids(t) != ids[t]}
     if moved:
-        raise ConversionError(f"re-registering the added tokens changed their ids: {moved} (expected {ids})")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # what the original builder does (pad = <unk>, id 0)
-    tokenizer.padding_side = "left"  # batched generation pads on the left; training collators may override
+        raise ConversionError(f"the converted tokenizer moved the added tokens: {moved} (expected {ids})")
     return tokenizer, ids
 
 
@@ -837,6 +993,22 @@ def _original_license(original_dir: Path) -> str | None:
     return None
 
 
+def _tokenization_note(legacy: bool | None) -> str:
+    if legacy is None:
+        return ""
+    note = (
+        f"Tokenisation: the original tokenizer (transformers 4.31, slow) has `legacy: {str(legacy).lower()}`; the processor "
+        f"(`original_legacy={legacy}`) gives exactly its ids"
+    )
+    if legacy:
+        return note + ", and so does the plain `tokenizer(text)`.\n"
+    return note + (
+        ". The plain `tokenizer(text)` does too, except that after a control token or `</s>` it encodes the text without "
+        "SentencePiece's dummy prefix where 4.31 encoded it with the prefix and cut the `▁` off the first piece (which "
+        "can differ, e.g. `<unk>` for a word whose `▁`-less form is no piece): use the processor for exact ids.\n"
+    )
+
+
 def write_model_card(
     output_dir: Path,
     config,
@@ -846,6 +1018,7 @@ def write_model_card(
     source: str,
     repo_id: str | None,
     dtype: torch.dtype,
+    tokenizer_legacy: bool | None = None,
 ):
     sam = config.sam_config
     text = config.text_config
@@ -872,7 +1045,7 @@ Converted from the original checkpoint `{source}` with `nextchat-convert`; weigh
 
 Sizes: {sizes}.
 Special tokens (ids taken from the original tokenizer): {", ".join(f"`{t}`={i}" for t, i in token_ids.items())}.
-
+{_tokenization_note(tokenizer_legacy)}
 Every box is written as the pair `<at> <boxes>` after the phrase it grounds: the hidden state at `<at>` is decoded into a
 normalised xyxy box (in the frame of the image padded to a centred white square), and the `<boxes>` position receives an
 embedding of that box.
@@ -911,10 +1084,11 @@ Detection and Segmentation* (Zhang et al., 2023).
     (output_dir / "README.md").write_text("\n".join(front) + body)
 
 
-def build_processor(tokenizer, tower_dir: Path, config):
+def build_processor(tokenizer, tower_dir: Path, config, original_legacy: bool | None = None):
     """`NextChatProcessor` of the converted model: the converted tokenizer and a `NextChatImageProcessor` whose CLIP
     settings come from the vision tower's `preprocessor_config.json` (the image processor the original loaded) and
-    whose SAM size comes from `config.sam_config` (`None`: box-only)."""
+    whose SAM size comes from `config.sam_config` (`None`: box-only). `original_legacy` (default: the converted
+    tokenizer's `legacy`, i.e. the source's flag) makes the processor tokenise as the original's 4.31 tokenizer."""
     from nextchat.processing import NextChatImageProcessor, NextChatProcessor
 
     raw = {}
@@ -937,7 +1111,11 @@ def build_processor(tokenizer, tower_dir: Path, config):
         sam_image_size=config.sam_config["image_size"] if config.sam_config is not None else None,
         **kwargs,
     )
-    return NextChatProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
+    if original_legacy is None:
+        original_legacy = tokenizer.init_kwargs.get("legacy")
+    return NextChatProcessor(
+        image_processor, tokenizer, image_seq_length=config.image_seq_length, original_legacy=original_legacy
+    )
 
 
 def _save_processor_or_tokenizer(output_dir: Path, tokenizer, tower_dir: Path, config) -> str:
@@ -1057,7 +1235,8 @@ def convert_original_checkpoint(
     if base_model is None:
         base_model = [source_repo] if source_repo else []
     write_model_card(
-        output_dir, config, info["token_ids"], license, base_model, source_repo or str(original_dir), push_to_hub, torch_dtype
+        output_dir, config, info["token_ids"], license, base_model, source_repo or str(original_dir), push_to_hub, torch_dtype,
+        tokenizer_legacy=tokenizer.init_kwargs.get("legacy"),
     )
     for note in plan.notes:
         logger.info(note)

@@ -210,13 +210,13 @@ def test_config_is_inferred_from_checkpoint(converted):
 
 
 def _reference_ids_431(text, sp):
-    """Ids as transformers 4.31's slow LlamaTokenizer gave them (reference §4.2, §9.3): BOS; whitespace on both sides
-    of an added token stripped; the first text chunk encoded with SentencePiece's dummy `▁` prefix, every chunk that
-    follows an added token without it (4.31's `unk_token + text` trick)."""
+    """Ids as transformers 4.31's slow LlamaTokenizer gave them for this fixture (reference §4.2; its
+    tokenizer_config.json says `legacy: true`): BOS; whitespace on both sides of an added token stripped; every text
+    chunk encoded by SentencePiece on its own, with the dummy `▁` prefix. Both flags, `</s>` and more cases:
+    tests/test_tokenizer_fidelity.py."""
     pattern = "(" + "|".join(re.escape(t) for t in ADDED) + ")"
     parts = re.split(pattern, text)
     ids = [1]
-    unk_len = len(sp.encode("<unk>"))
     for i, part in enumerate(parts):
         if part in ADDED:
             ids.append(ADDED[part])
@@ -227,7 +227,7 @@ def _reference_ids_431(text, sp):
             part = part.rstrip()
         if not part:
             continue
-        ids += sp.encode(part) if i == 0 else sp.encode("<unk>" + part)[unk_len:]
+        ids += sp.encode(part)
     return ids
 
 
@@ -247,7 +247,7 @@ def test_tokenizer_ids_match_original(converted):
     # plain text: exactly the original tokenizer's ids
     for text in ["hello world", "A chat between a curious user and an assistant.", "Where is the cat? Answer: yes"]:
         assert new(text).input_ids == original(text).input_ids, text
-    # text around added tokens: 4.31's ids (the original as loaded by transformers 5 would put `▁` around them)
+    # text around added tokens: 4.31's ids (transformers 5 alone would put a `▁` before each added token)
     texts = [
         "USER: <im_start><im_patch><im_patch><im_end> Where is the cat? ASSISTANT: Answer: <at> <boxes> .",
         "What is region <at> <boxes>? a dog <at> <boxes> <at> <boxes> and grass.",
