@@ -23,7 +23,12 @@ from .processing import NextChatImageProcessor, NextChatProcessor, build_tiny_pr
 AutoConfig.register("nextchat", NextChatConfig, exist_ok=True)
 for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(NextChatConfig, NextChatForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(NextChatConfig, image_processor_classes={"pil": NextChatImageProcessor}, exist_ok=True)
+# One PIL/numpy implementation serves both backends (without the torchvision entry, every load warns that the
+# default torchvision backend is "not available").
+AutoImageProcessor.register(
+    NextChatConfig, image_processor_classes={"pil": NextChatImageProcessor, "torchvision": NextChatImageProcessor},
+    exist_ok=True,
+)
 AutoProcessor.register(NextChatConfig, NextChatProcessor, exist_ok=True)
 
 

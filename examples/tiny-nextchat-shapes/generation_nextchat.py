@@ -3,7 +3,8 @@
 No decoding loop is copied. Each forward leaves a `TriggerState` on the cache object: for every row, whether its
 last position was a trigger `<at>` and the box decoded from the final-norm hidden state there. The next forward
 feeds that box's `loc_encoder` embedding at its first position (the `<boxes>` slot). Beam search reorders the
-state with the cache (`_reorder_cache`). A logits processor keeps the text well formed: `<boxes>` always follows
+state with the cache (`_reorder_cache`). Without a cache (`use_cache=False`) every step re-reads the whole sequence
+and `forward(predict_generated_boxes=True)` predicts the boxes of the generated triggers again. A logits processor keeps the text well formed: `<boxes>` always follows
 `<at>` and never appears elsewhere, and image tokens are never generated.
 
 Boxes returned by `generate` come from the hidden state AT each trigger, as in training: recorded while decoding
@@ -149,7 +150,7 @@ class NextChatGenerationMixin:
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration:
+        if not is_first_iteration and kwargs.get("use_cache", True):
             for name in _PROMPT_ONLY_INPUTS:
                 model_inputs.pop(name, None)
         return model_inputs
@@ -181,10 +182,11 @@ class NextChatGenerationMixin:
                     f"`{name}` is not supported by NExT-Chat generation: the box fed after each trigger depends on "
                     "the hidden state of the previous step, which assisted decoding and embedding inputs bypass"
                 )
-        if kwargs.get("use_cache") is False or (generation_config is not None and generation_config.use_cache is False):
-            raise ValueError(
-                "`use_cache=False` is not supported: the predicted box that follows each trigger travels with the cache"
-            )
+        gen_config = generation_config if generation_config is not None else self.generation_config
+        if not kwargs.get("use_cache", gen_config.use_cache):
+            # No cache to carry each predicted box to the next step: every step re-reads the whole sequence and
+            # predicts the boxes of its generated triggers again.
+            kwargs["predict_generated_boxes"] = True
         if sam_pixel_values is not None and self.sam is None:
             raise ValueError("`sam_pixel_values` were given but this model has no SAM (`config.sam_config` is None)")
 
@@ -196,7 +198,6 @@ class NextChatGenerationMixin:
         )
         logits_processor = LogitsProcessorList(list(logits_processor or []) + [grammar])
 
-        gen_config = generation_config if generation_config is not None else self.generation_config
         num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
         return_dict = kwargs.get("return_dict_in_generate", gen_config.return_dict_in_generate)
         recorder = TriggerRecorder() if (return_dict and num_beams == 1) else None
@@ -320,6 +321,7 @@ class NextChatGenerationMixin:
                 box_inputs=box_inputs if first else None,
                 box_inputs_mask=box_inputs_mask if first else None,
                 use_cache=True,
+                return_dict=True,
             )
             last = outputs.last_hidden_state[:, -1]
             TriggerState.store(cache, sequences[:, end - 1] == trigger, self.decode_boxes(last))

@@ -16,13 +16,14 @@ Coordinate frames (all boxes are xyxy):
 
 import os
 from collections.abc import Sequence
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -409,26 +410,26 @@ def flatten_images(images, argument_name: str = "images") -> list:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class NextChatImagesKwargs(TypedDict, total=False):
-    do_pad_to_square: bool
-    pad_color: Sequence[int]
-    do_resize: bool
-    size: dict
-    resample: int
-    do_center_crop: bool
-    crop_size: dict
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    image_mean: Sequence[float]
-    image_std: Sequence[float]
+class NextChatImagesKwargs(ImagesKwargs, total=False):
+    """The per-call options of :class:`NextChatImageProcessor` (and ``images_kwargs`` of
+    :class:`NextChatProcessor`): transformers' ``ImagesKwargs`` plus the NExT-Chat ones below. Every field of the
+    image processor's configuration can be overridden for one call.
+
+    do_pad_to_square (`bool`): pad to a centred square (``expand2square``) before the CLIP branch.
+    pad_color (`list[int]`): RGB colour of that padding (white in the original).
+    sam_image_size (`int` or `None`): side of the SAM input.
+    sam_pixel_mean, sam_pixel_std (`list[float]`): SAM normalisation on the 0-255 scale.
+    sam_resample (`int`): PIL filter of the SAM resize.
+    return_sam_pixel_values (`bool`): return ``sam_pixel_values`` (defaults to whether SAM is configured).
+    """
+
+    do_pad_to_square: bool | None
+    pad_color: list[int] | tuple[int, ...] | None
     sam_image_size: int | None
-    sam_pixel_mean: Sequence[float]
-    sam_pixel_std: Sequence[float]
-    sam_resample: int
-    return_sam_pixel_values: bool
-    input_data_format: str | None
-    return_tensors: str | None
+    sam_pixel_mean: list[float] | tuple[float, ...] | None
+    sam_pixel_std: list[float] | tuple[float, ...] | None
+    sam_resample: int | None
+    return_sam_pixel_values: bool | None
 
 
 def _size_dict(size, name):
@@ -527,11 +528,14 @@ class NextChatImageProcessor(BaseImageProcessor):
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
+        # ImagesKwargs allows one float for all channels
+        self.image_mean = [float(v) for v in ([image_mean] * 3 if isinstance(image_mean, (int, float)) else image_mean)]
+        self.image_std = [float(v) for v in ([image_std] * 3 if isinstance(image_std, (int, float)) else image_std)]
         if sam_image_size is not None and int(sam_image_size) <= 0:
             raise ValueError(f"`sam_image_size` must be a positive int or None, got {sam_image_size!r}")
         self.sam_image_size = None if sam_image_size is None else int(sam_image_size)
+        if self.sam_image_size is None:  # what `preprocess` returns by default
+            self.model_input_names = ["pixel_values", "image_sizes"]
         self.sam_pixel_mean = [float(v) for v in sam_pixel_mean]
         self.sam_pixel_std = [float(v) for v in sam_pixel_std]
         self.sam_resample = int(sam_resample)
@@ -615,6 +619,29 @@ class NextChatImageProcessor(BaseImageProcessor):
         out[:, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = arr.transpose(2, 0, 1)
         return out
 
+    # ImagesKwargs fields that have no meaning here: accepted only at their neutral value
+    _NEUTRAL_IMAGES_KWARGS = {
+        "do_convert_rgb": (None, True),
+        "default_to_square": (None,),
+        "do_pad": (None, False),
+        "pad_size": (None,),
+        "disable_grouping": (None,),
+        "image_seq_length": (None,),
+        "data_format": (None, "channels_first"),
+        "device": (None, "cpu"),
+    }
+
+    def with_overrides(self, **overrides) -> "NextChatImageProcessor":
+        """This image processor, or a copy with some configuration fields changed (validated as in ``__init__``)."""
+        unknown = sorted(set(overrides) - set(self._FIELDS))
+        if unknown:
+            raise ValueError(f"NextChatImageProcessor: unknown configuration field(s) {unknown}")
+        if not overrides:
+            return self
+        fields = {name: getattr(self, name) for name in self._FIELDS}
+        fields.update(overrides)
+        return type(self)(**fields)
+
     def preprocess(
         self,
         images,
@@ -624,26 +651,46 @@ class NextChatImageProcessor(BaseImageProcessor):
         **kwargs,
     ) -> BatchFeature:
         """Process one image or a list of images. Returns ``pixel_values`` (n, 3, H, W), ``image_sizes`` (n, 2)
-        (original height, width) and, with SAM, ``sam_pixel_values`` (n, 3, S, S)."""
-        if kwargs:
-            raise ValueError(f"NextChatImageProcessor.preprocess got unknown arguments {sorted(kwargs)}")
+        (original height, width) and, with SAM, ``sam_pixel_values`` (n, 3, S, S).
+
+        Every configuration field (``do_resize``, ``size``, ``resample``, ``do_center_crop``, ``crop_size``,
+        ``do_rescale``, ``rescale_factor``, ``do_normalize``, ``image_mean``, ``image_std``, ``do_pad_to_square``,
+        ``pad_color``, ``sam_image_size``, ``sam_pixel_mean``, ``sam_pixel_std``, ``sam_resample``) may be passed
+        to override it for this call (see :class:`NextChatImagesKwargs`); ``None`` keeps the configured value."""
+        overrides = {}
+        for key, value in kwargs.items():
+            if key in self._NEUTRAL_IMAGES_KWARGS:
+                neutral = self._NEUTRAL_IMAGES_KWARGS[key]
+                shown = str(getattr(value, "value", value)) if key in ("data_format", "device") else value
+                if value is not None and shown not in neutral:
+                    raise ValueError(
+                        f"NextChatImageProcessor does not support `{key}`={value!r} (accepted: "
+                        f"{', '.join(repr(v) for v in neutral)}); it works on the CPU with PIL and numpy, returns "
+                        "channels-first RGB and pads with `do_pad_to_square`"
+                    )
+            elif key in self._FIELDS:
+                if value is not None:
+                    overrides[key] = value
+            else:
+                raise ValueError(f"NextChatImageProcessor.preprocess got unknown arguments {[key]}")
+        processor = self.with_overrides(**overrides)
         if return_sam_pixel_values is None:
-            return_sam_pixel_values = self.sam_image_size is not None
-        if return_sam_pixel_values and self.sam_image_size is None:
+            return_sam_pixel_values = processor.sam_image_size is not None
+        if return_sam_pixel_values and processor.sam_image_size is None:
             raise ValueError("`return_sam_pixel_values=True` but this image processor has no `sam_image_size`")
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"`return_tensors` must be 'pt', 'np' or None, got {return_tensors!r}")
         flat = flatten_images(images, "images")
         if not flat:
             raise ValueError("`images` is empty")
         rgb = [to_rgb_image(img, input_data_format, "images") for img in flat]
-        pixel_values = np.stack([self._clip_branch(img) for img in rgb])
+        pixel_values = np.stack([processor._clip_branch(img) for img in rgb])
         data = {
             "pixel_values": pixel_values,
             "image_sizes": np.array([[img.height, img.width] for img in rgb], dtype=np.int64),
         }
         if return_sam_pixel_values:
-            data["sam_pixel_values"] = np.stack([self._sam_branch(img) for img in rgb])
-        if return_tensors not in (None, "np", "pt"):
-            raise ValueError(f"`return_tensors` must be 'pt', 'np' or None, got {return_tensors!r}")
+            data["sam_pixel_values"] = np.stack([processor._sam_branch(img) for img in rgb])
         return BatchFeature(data=data, tensor_type="pt" if return_tensors == "pt" else None)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
@@ -652,6 +699,7 @@ class NextChatImageProcessor(BaseImageProcessor):
 
 __all__ = [
     "NextChatImageProcessor",
+    "NextChatImagesKwargs",
     "boxes_from_square_frame",
     "boxes_to_sam_frame",
     "boxes_to_square_frame",

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
@@ -22,6 +22,29 @@ from .loss_nextchat import box_losses, box_patch_targets, mask_losses, per_query
 
 IGNORE_INDEX = -100
 REGION_GRID = 7  # with `box_region_features`: a box's feature averages REGION_GRID x REGION_GRID bilinear samples
+
+
+# Keyword arguments that travel from `forward` to the language model (transformers' own per-call options).
+LANGUAGE_MODEL_KWARGS = frozenset(TransformersKwargs.__annotations__)
+
+
+def _take_cache(cache, past_key_values):
+    """`past_key_values` is the name transformers used for the cache before 5.24 and still accepts: one cache, either
+    name."""
+    if past_key_values is not None:
+        if cache is not None:
+            raise ValueError("pass the key/value cache once: `cache` or `past_key_values`, not both")
+        return past_key_values
+    return cache
+
+
+def _check_kwargs(kwargs: dict, allowed: frozenset, method: str):
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(
+            f"{method}() got unexpected keyword argument(s) {unknown}; besides its named arguments it accepts "
+            f"transformers' per-call options {sorted(allowed)}"
+        )
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -72,7 +95,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`): weighted sum of the terms below that apply.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
-        cache (`Cache`): the key/value cache.
+        cache (`Cache`): the key/value cache (also readable as `past_key_values`, transformers' older name).
         hidden_states, attentions: as returned by the language model when asked for.
         trigger_positions (`torch.LongTensor` of shape `(K, 2)`): `(row, column)` of every `<at>` in `input_ids`
             as given (padding included), row-major.
@@ -123,7 +146,7 @@ class NextChatPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer", "Block", "MaskDecoder"]
-    _skip_keys_device_placement = ["cache"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -171,12 +194,38 @@ class NextChatModel(NextChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`(n, 3, H, W)` CLIP inputs -> projected patch features `(n, image_seq_length, hidden_size)`."""
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
-        return self.mm_projector(features)
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """The vision tower's output with `pooler_output` replaced by the projected features, as in LLaVA.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): CLIP inputs.
+            vision_feature_layer (`int` or `list[int]`, *optional*): hidden-state layer(s) to project (several are
+                concatenated, which needs a projector of that width); default `config.vision_feature_layer`.
+            vision_feature_select_strategy (`str`, *optional*): `"default"` drops the CLS token (NExT-Chat), `"full"`
+                keeps it.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` is a list of `num_images` tensors
+            `(image_seq_length, hidden_size)`.
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or "default"
+        if strategy not in ("default", "full"):
+            raise ValueError(f"`vision_feature_select_strategy` must be 'default' or 'full', got {strategy!r}")
+        kwargs["output_hidden_states"] = True
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        selected = [outputs.hidden_states[i] for i in layers]
+        if strategy == "default":
+            selected = [hidden[:, 1:] for hidden in selected]
+        outputs.pooler_output = list(self.mm_projector(torch.cat(selected, dim=-1)))
+        return outputs
 
     def _merge_image_features(self, input_ids, inputs_embeds, pixel_values):
         """Puts the projected patch features at the `<im_patch>` slots; also returns them, `(num_images, N, hidden)`
@@ -202,7 +251,7 @@ class NextChatModel(NextChatPreTrainedModel):
                 f"hold {per_row.tolist()} image placeholders; every image block needs exactly {per_image} `<im_patch>` "
                 "tokens and one image"
             )
-        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        features = torch.stack(self.get_image_features(pixel_values).pooler_output).to(inputs_embeds.dtype)
         flat = features.reshape(-1, features.shape[-1])
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), features
 
@@ -237,6 +286,7 @@ class NextChatModel(NextChatPreTrainedModel):
             box_embeds = box_embeds + pooled.to(box_embeds.dtype) * has_image.to(box_embeds.dtype)
         return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds.to(inputs_embeds.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -248,6 +298,7 @@ class NextChatModel(NextChatPreTrainedModel):
         box_inputs_mask: torch.BoolTensor | None = None,
         region_box_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Embeds `input_ids` (image features at `<im_patch>`, `loc_encoder(box)` at `<boxes>`) and runs the LM.
@@ -258,6 +309,8 @@ class NextChatModel(NextChatPreTrainedModel):
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
+        _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS, "NextChatModel.forward")
+        cache = _take_cache(cache, past_key_values)
         inputs_embeds = self.get_input_embeddings()(input_ids)
         inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
 
@@ -293,6 +346,7 @@ class NextChatModel(NextChatPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return outputs
@@ -339,6 +393,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: NextChatConfig):
         super().__init__(config)
@@ -372,6 +427,21 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
     @property
     def loc_encoder(self):
         return self.model.loc_encoder
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """See `NextChatModel.get_image_features`."""
+        return self.model.get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **kwargs,
+        )
 
     def decode_boxes(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states `(..., hidden_size)` -> normalised xyxy boxes `(..., 4)`."""
@@ -418,6 +488,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             iou_scores[selected] = scores
         return pred_masks, iou_scores
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -435,7 +506,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        predict_generated_boxes: bool = False,
         **kwargs,
     ) -> NextChatCausalLMOutputWithPast:
         r"""
@@ -456,9 +529,19 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 input frame aligned with `box_inputs`; a slot filled with negative values has no mask.
             image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): original `(height, width)` from the
                 processor; not needed by the model (accepted so that `model(**processor(...))` works).
+            cache (`Cache`, *optional*): the key/value cache of earlier calls; `past_key_values` is accepted as
+                the same argument under transformers' older name (one of the two, not both).
+            shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): LM targets
+                already shifted (`shift_labels[:, t]` is the target of the logits at `t`), as transformers' causal-LM
+                loss takes them (e.g. under context parallelism); used for the LM term instead of shifting `labels`,
+                which still select the answer triggers.
+            predict_generated_boxes (`bool`, *optional*, defaults to `False`): `<boxes>` tokens beyond those that
+                `box_inputs` fill (in order, per row), each right after a `<at>`, are fed the box predicted at that
+                `<at>`, as during generation. `generate(use_cache=False)` sets it; without it such tokens are a
+                `ValueError`.
             inputs_embeds: not supported (a `ValueError` unless `None`); accepted so that wrappers such as PEFT's
-                `PeftModelForCausalLM`, which always pass it, work. `return_dict` is ignored: the output is always a
-                `NextChatCausalLMOutputWithPast`.
+                `PeftModelForCausalLM`, which always pass it, work.
+            return_dict (`bool`, *optional*): `False` returns a tuple of the non-`None` output fields.
             region_box_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): with
                 `config.box_region_features`, the `<boxes>` that get their region's image features. Default: all but
                 the answer boxes (those after a labelled trigger) when `labels` are given, else all.
@@ -470,6 +553,18 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             raise ValueError(
                 "`inputs_embeds` are not supported: NExT-Chat builds its input embeddings from `input_ids` (image and "
                 "box slots are found by token id); pass `input_ids`"
+            )
+        _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS | {"region_box_mask"}, "NextChatForConditionalGeneration.forward")
+        cache = _take_cache(cache, past_key_values)
+        if shift_labels is not None and labels is None:
+            raise ValueError("`shift_labels` need `labels` too (they select the answer triggers of the box losses)")
+        if shift_labels is not None and shift_labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`shift_labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(shift_labels.shape)}"
+            )
+        if predict_generated_boxes:
+            box_inputs, box_inputs_mask = self._predicted_box_inputs(
+                input_ids, attention_mask, position_ids, cache, pixel_values, box_inputs, box_inputs_mask
             )
         if use_cache is None and labels is not None:
             use_cache = False  # training needs no key/value cache
@@ -491,6 +586,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             box_inputs=box_inputs,
             box_inputs_mask=box_inputs_mask,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -548,9 +644,52 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         if labels is not None:
             self._compute_losses(
                 output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
-                sam_pixel_values, num_items_in_batch, logits_to_keep,
+                sam_pixel_values, num_items_in_batch, logits_to_keep, shift_labels,
             )
         return output
+
+    def _predicted_box_inputs(self, input_ids, attention_mask, position_ids, cache, pixel_values, box_inputs,
+                              box_inputs_mask):
+        """`box_inputs` `(B, N + K, 4)` and mask extended, per row, with the boxes predicted at the triggers before the
+        `<boxes>` tokens that the given boxes do not fill (K at most per row). Without a cache each prediction needs
+        the ones before it, so the language model runs K times here (once per generated trigger of the longest
+        row), each pass making one more box exact."""
+        config = self.config
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("`predict_generated_boxes` works on whole sequences; with a cache the boxes travel on it")
+        box_tokens = input_ids == config.box_token_id
+        rows = input_ids.shape[0]
+        given = (box_inputs_mask.bool().sum(1) if box_inputs is not None else input_ids.new_zeros(rows)).to(
+            input_ids.device
+        )
+        generated = box_tokens & ((box_tokens.long().cumsum(1) - 1) >= given[:, None])
+        if not bool(generated.any()):
+            return box_inputs, box_inputs_mask
+        after_trigger = torch.zeros_like(generated)
+        after_trigger[:, 1:] = input_ids[:, :-1] == config.trigger_token_id
+        if bool((generated & ~after_trigger).any()):
+            raise ValueError("a `<boxes>` token without a box in `box_inputs` must follow a `<at>` to be predicted")
+        given_width = box_inputs.shape[1] if box_inputs is not None else 0
+        rank = generated.long().cumsum(1) - 1
+        rows_at, columns_at = torch.nonzero(generated, as_tuple=True)
+        slots = given_width + rank[rows_at, columns_at]
+        width = given_width + int(generated.sum(1).max())
+        dtype = box_inputs.dtype if box_inputs is not None else torch.float32
+        boxes = torch.zeros((rows, width, 4), dtype=dtype, device=input_ids.device)
+        mask = torch.zeros((rows, width), dtype=torch.bool, device=input_ids.device)
+        if box_inputs is not None:
+            boxes[:, :given_width] = box_inputs.to(boxes.device)
+            mask[:, :given_width] = box_inputs_mask.bool().to(mask.device)
+        mask[rows_at, slots] = True
+        for _ in range(int(generated.sum(1).max())):
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                pixel_values=pixel_values, box_inputs=boxes, box_inputs_mask=mask, use_cache=False,
+                return_dict=True,
+            ).last_hidden_state
+            boxes = boxes.clone()
+            boxes[rows_at, slots] = self.decode_boxes(hidden[rows_at, columns_at - 1]).to(boxes.dtype)
+        return boxes, mask
 
     def _answer_box_slots(self, input_ids, labels, box_inputs, box_inputs_mask, trigger_positions):
         """Which triggers are answer (labelled) triggers, `(K,)` bool, and the `(row, slot)` in `box_inputs` of the
@@ -568,12 +707,12 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
     @staticmethod
     def count_loss_items(
         input_ids, labels, box_inputs_mask=None, mask_targets=None, trigger_token_id=None, box_token_id=None,
-        region_turns: bool = True,
+        region_turns: bool = True, shift_labels=None,
     ) -> dict:
         """Item counts of each loss term in one micro-batch; sum them over micro-batches and pass the sums as
         `num_items_in_batch` to make every term exactly the mean over the accumulated batch. `region_turns=False`
-        skips counting region-caption turns (left at 0)."""
-        shifted = labels[:, 1:]
+        skips counting region-caption turns (left at 0); `shift_labels`, when the LM targets come pre-shifted."""
+        shifted = labels[:, 1:] if shift_labels is None else shift_labels
         targets = (shifted != IGNORE_INDEX) & (shifted != box_token_id)
         assistant = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
         counts = {
@@ -594,7 +733,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
 
     def _compute_losses(
         self, output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
-        sam_pixel_values, num_items_in_batch, logits_to_keep,
+        sam_pixel_values, num_items_in_batch, logits_to_keep, shift_labels=None,
     ):
         config = self.config
         if logits_to_keep not in (0, None):
@@ -602,12 +741,15 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         local = self.count_loss_items(
             input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id,
             region_turns=bool(config.region_attention_loss_weight),  # not on the forward path when the term is off
+            shift_labels=shift_labels,
         )
         normalisers = _normalisers(local, num_items_in_batch)
 
-        shift_labels = labels[:, 1:].masked_fill(labels[:, 1:] == config.box_token_id, IGNORE_INDEX)
+        if shift_labels is None:
+            shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        shift_labels = shift_labels.masked_fill(shift_labels == config.box_token_id, IGNORE_INDEX)
         ce = nn.functional.cross_entropy(
-            output.logits[:, :-1].float().flatten(0, 1),
+            output.logits.float().flatten(0, 1),
             shift_labels.flatten().to(output.logits.device),
             ignore_index=IGNORE_INDEX,
             reduction="sum",

@@ -2,10 +2,11 @@
 sequences -> clean text with grounded entities (boxes in pixels, masks at the original resolution)."""
 
 import bisect
+import dataclasses
 import importlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,20 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import (
+    AudioKwargs,
+    ProcessingKwargs,
+    ProcessorMixin,
+    TextKwargs,
+    Unpack,
+    VideosKwargs,
+)
 from transformers.utils import logging
 
 from .image_processing_nextchat import (
     NextChatImageProcessor,
+    NextChatImagesKwargs,
     boxes_from_square_frame,
     boxes_to_square_frame,
     flatten_images,
@@ -40,6 +50,7 @@ VICUNA_V1_1_SYSTEM = (
 # FastChat's `vicuna_v1.1` (SeparatorStyle.ADD_COLON_TWO, sep=" ", sep2="</s>"), as NExT-Chat renders it:
 #   "<system> USER: <q1> ASSISTANT: <a1></s>USER: <q2> ASSISTANT:"
 # An empty message renders as "ROLE:" with no separator. Image parts render as the `<image>` placeholder.
+# `{% generation %}` marks what an assistant turn trains on (" <answer></s>"), for return_assistant_tokens_mask.
 def vicuna_chat_template(default_system: str = VICUNA_V1_1_SYSTEM) -> str:
     """The vicuna v1.1 chat template with `default_system` as the system prompt used when a conversation has no
     system message (a model trained with another default, like the tiny shapes model's empty one, ships its own)."""
@@ -82,7 +93,7 @@ _VICUNA_TEMPLATE_TAIL = (
     "{%- set role = 'USER' if message['role'] == 'user' else 'ASSISTANT' -%}"
     "{%- if text == '' -%}{{- role ~ ':' -}}"
     "{%- elif message['role'] == 'user' -%}{{- role ~ ': ' ~ text ~ ' ' -}}"
-    "{%- else -%}{{- role ~ ': ' ~ text ~ '</s>' -}}"
+    "{%- else -%}{{- role ~ ':' -}}{%- generation -%}{{- ' ' ~ text ~ '</s>' -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt and (not loop_messages or loop_messages[-1]['role'] == 'user') -%}"
@@ -111,7 +122,13 @@ _NO_SPACE_BEFORE = ".,;:!?)]}'%"
 class _ChunkEncoder:
     """Encodes a plain text chunk exactly as SentencePiece does, with or without the dummy-prefix ``▁``,
     never matching added tokens (so a typed ``<at>`` stays text). Returns ids and the start character of each
-    token in the chunk (-1 for a token that starts with the dummy prefix)."""
+    token in the chunk (-1 for a token that starts with the dummy prefix).
+
+    :meth:`encode_chunk` applies one of the three rules for the text that follows a control or special token
+    (see ``NextChatProcessor``'s ``original_legacy``)."""
+
+    # normalizers that only move spaces and `▁` around (the processor reproduces what they do itself)
+    _SPACE_NORMALIZERS = frozenset({"Sequence", "Prepend", "Replace", "String", "Regex"})
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -121,12 +138,16 @@ class _ChunkEncoder:
             model = backend.model
             pre = repr(backend.pre_tokenizer)
             norm = repr(backend.normalizer)
-            metaspace = pre.startswith("Metaspace(") and "split=False" in pre and backend.normalizer is None
-            legacy_normalizer = backend.pre_tokenizer is None and "Replace" in norm and "▁" in norm
+            spaces_only = backend.normalizer is None or (
+                set(re.findall(r"(\w+)\(", norm)) <= self._SPACE_NORMALIZERS and "▁" in norm
+            )
+            metaspace = pre.startswith("Metaspace(") and "split=False" in pre and spaces_only
+            legacy_normalizer = backend.pre_tokenizer is None and backend.normalizer is not None and spaces_only
             if type(model).__name__ in ("BPE", "Unigram") and (metaspace or legacy_normalizer):
                 self.exact = True
                 self.model = model
                 self.vocab = backend.get_vocab(with_added_tokens=False)
+                self.pieces = {i: piece for piece, i in self.vocab.items()}
                 self.byte_fallback = bool(getattr(model, "byte_fallback", False)) and "<0x00>" in self.vocab
                 self.unk_id = self.vocab.get(str(tokenizer.unk_token)) if tokenizer.unk_token is not None else None
         if not self.exact:
@@ -135,6 +156,32 @@ class _ChunkEncoder:
                 "encoded with `tokenizer.encode`, so parity with the original tokenisation is not guaranteed and "
                 "texts that contain the NExT-Chat control tokens are rejected instead of escaped."
             )
+
+    def encode_chunk(self, text: str, first: bool, legacy: bool | None) -> tuple[list[int], list[int]]:
+        """One chunk of plain text (already stripped where a control token strips it). `first`: nothing has been
+        encoded before it. `legacy`:
+
+        * ``None``: the dummy prefix only on the first chunk; the others are encoded without it (transformers 5).
+        * ``True``: transformers 4.31, ``legacy=True``: every chunk is encoded on its own, with the dummy prefix.
+        * ``False``: transformers 4.31, ``legacy=False``: the first chunk, and a chunk that starts with a space, as
+          SentencePiece encodes them; any other chunk is encoded with the prefix and the ``▁`` is then cut off its
+          first piece (dropped when the piece is only ``▁``; a remainder that is not a piece is ``<unk>``).
+        """
+        if legacy is None:
+            return self.encode(text, prefix=first)
+        if legacy or first or text.startswith(" ") or not self.exact:
+            return self.encode(text, prefix=True)
+        ids, starts = self.encode(text, prefix=True)
+        if ids:
+            piece = self.pieces.get(ids[0], "")
+            if piece == "▁":
+                ids, starts = ids[1:], starts[1:]
+            elif piece.startswith("▁"):
+                rest = self.vocab.get(piece[1:], self.unk_id)
+                if rest is None:
+                    raise ValueError(f"`text`: {piece[1:]!r} is not a token and the tokenizer has no <unk>")
+                ids, starts = [rest] + ids[1:], [max(starts[0], 0)] + starts[1:]
+        return ids, starts
 
     def _model_tokenize(self, run: str):
         ids, starts = [], []
@@ -343,6 +390,24 @@ def draw_grounding(
 # --------------------------------------------------------------------------------------------------------------
 
 
+class NextChatProcessorKwargs(ProcessingKwargs, total=False):
+    """The options of :meth:`NextChatProcessor.__call__` grouped as transformers groups them: ``text_kwargs``
+    (transformers' ``TextKwargs``: ``padding``, ``padding_side``, ``truncation``, ``max_length``,
+    ``add_special_tokens``, ``return_attention_mask``, ``return_offsets_mapping``, ``pad_to_multiple_of``,
+    ``return_tensors``), ``images_kwargs`` (:class:`NextChatImagesKwargs`: any field of the image processor for
+    this call, ``return_sam_pixel_values``, ``input_data_format``) and ``common_kwargs`` (e.g. ``return_tensors``).
+    Each can also be passed flat. NExT-Chat's own arguments (``boxes``, ``masks``, ``return_labels``,
+    ``append_trigger``, ``clip_boxes``, ``truncation_side``) are named arguments of ``__call__``."""
+
+    text_kwargs: TextKwargs
+    images_kwargs: NextChatImagesKwargs
+    _defaults = {
+        "text_kwargs": {"padding": True, "truncation": False, "add_special_tokens": True, "return_tensors": "pt"},
+        "images_kwargs": {"return_tensors": "pt"},
+    }
+
+
+
 class NextChatProcessor(ProcessorMixin):
     r"""
     Processor of NExT-Chat: a :class:`NextChatImageProcessor` and the checkpoint's LLaMA tokenizer.
@@ -367,9 +432,15 @@ class NextChatProcessor(ProcessorMixin):
 
     **Tokenisation** follows the original (transformers 4.31 slow ``LlamaTokenizer``, reference §4.2) regardless of
     how the tokenizer folder is configured: whitespace on both sides of an image block and of an ``<at> <boxes>``
-    pair is dropped, and text that follows any control or special token is encoded without the SentencePiece
-    dummy-prefix ``▁``; only the text at the very start gets it. Plain text is encoded with the SentencePiece model
-    directly, so these rules do not depend on the tokenizer's ``legacy`` flag or added-token ``lstrip``/``rstrip``.
+    pair is dropped (not around ``</s>``), and each stretch of text between them is encoded by the SentencePiece
+    model on its own; the text at the very start gets the dummy-prefix ``▁``. What the text after a control token
+    or ``</s>`` gets depends on ``original_legacy``: ``True`` (4.31, ``legacy=True``): the dummy prefix, like every
+    chunk (``<im_end> What`` -> ``<im_end> ▁What``); ``False`` (4.31, ``legacy=False``): encoded with the prefix,
+    which is then cut off the first piece (``▁What`` -> ``What``; a lone ``▁`` is dropped, and a remainder that is
+    no piece becomes ``<unk>``, as 4.31 did), except after ``</s>`` when the text starts with a space; ``None``
+    (default): no prefix (transformers 5's ``legacy=False``). Typed ``▁`` counts as a space under ``False``.
+    Plain text is encoded with the SentencePiece model directly, so these rules do not depend on the tokenizer
+    folder's own settings.
 
     **Boxes** are pixel ``xyxy`` on the original image of the sample (float, ``x1 <= x2``, ``y1 <= y2``, inside the
     image; NaN, inverted or outside boxes are ``ValueError`` unless ``clip_boxes=True`` clips them). They are
@@ -389,9 +460,13 @@ class NextChatProcessor(ProcessorMixin):
         image_placeholder (`str`, *optional*, defaults to ``"<image>"``): the text placeholder of an image.
         assistant_marker (`str`, *optional*, defaults to ``"ASSISTANT:"``): the string that opens an assistant turn;
             used by ``return_labels`` (targets run from the last marker before each ``</s>`` to that ``</s>``).
+        original_legacy (`bool`, *optional*): the ``legacy`` flag of the original checkpoint's slow tokenizer
+            (transformers 4.31) whose ids to reproduce; ``nextchat-convert`` sets it from the checkpoint's
+            ``tokenizer_config.json`` (absent there means ``True``, 4.31's default). ``None`` (default, e.g. a model
+            trained with this package's tokenizers): the transformers 5 rule. See **Tokenisation**.
     """
 
-    valid_processor_kwargs = None
+    valid_processor_kwargs = NextChatProcessorKwargs
 
     def __init__(
         self,
@@ -406,6 +481,7 @@ class NextChatProcessor(ProcessorMixin):
         image_end_token: str | None = None,
         image_placeholder: str = "<image>",
         assistant_marker: str = "ASSISTANT:",
+        original_legacy: bool | None = None,
         **kwargs,
     ):
         if chat_template is None:
@@ -445,6 +521,9 @@ class NextChatProcessor(ProcessorMixin):
         self.assistant_marker = assistant_marker
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; the vicuna template needs `</s>`")
+        if original_legacy is not None and not isinstance(original_legacy, bool):
+            raise ValueError(f"`original_legacy` must be True, False or None, got {original_legacy!r}")
+        self.original_legacy = original_legacy
         self._encoder = _ChunkEncoder(tokenizer)
 
     # -- token properties -------------------------------------------------------------------------------------
@@ -486,16 +565,13 @@ class NextChatProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids",
-            "attention_mask",
-            "pixel_values",
-            "sam_pixel_values",
-            "box_inputs",
-            "box_inputs_mask",
-            "image_sizes",
-            "mask_targets",
-        ]
+        """The model inputs that :meth:`__call__` returns for a text with an image, in its order (as in
+        transformers, training targets are not listed: ``labels`` and ``mask_targets`` come only on request, like
+        ``offset_mapping``). ``sam_pixel_values`` is listed when the image processor has SAM."""
+        names = ["input_ids", "attention_mask", "box_inputs", "box_inputs_mask", "pixel_values", "image_sizes"]
+        if self.image_processor.sam_image_size is not None:
+            names.append("sam_pixel_values")
+        return names
 
     def escape_text(self, text: str) -> str:
         """See :func:`escape_text`."""
@@ -511,26 +587,8 @@ class NextChatProcessor(ProcessorMixin):
             # From the installed package; code loaded from the Hub is flat already and transformers copies it.
             remote_code = importlib.import_module("nextchat.remote_code")
             remote_code.write_remote_code(save_directory)
-            remote_code.add_auto_map(os.path.join(save_directory, "processor_config.json"), remote_code.PROCESSOR_AUTO_MAP)
+            remote_code.add_processor_auto_map(save_directory)
         return result
-
-    @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # Load the image processor with this class directly, so no Auto registration is needed (local package or
-        # remote code alike); the tokenizer goes through AutoTokenizer as usual.
-        kwargs = dict(kwargs)
-        subfolder = kwargs.pop("subfolder", "")
-        tokenizer = cls._load_tokenizer_from_pretrained(
-            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
-        image_config = (processor_dict or {}).get("image_processor")
-        if isinstance(image_config, dict):
-            image_processor = NextChatImageProcessor.from_dict(image_config)
-        else:
-            image_processor = NextChatImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            )
-        return [image_processor, tokenizer]
 
     # -- parsing ----------------------------------------------------------------------------------------------
 
@@ -643,7 +701,7 @@ class NextChatProcessor(ProcessorMixin):
 
         units = []
         if add_bos and self.tokenizer.bos_token_id is not None:
-            units.append({"ids": [self.tokenizer.bos_token_id], "labels": [-100], "kind": "bos"})
+            units.append({"ids": [self.tokenizer.bos_token_id], "labels": [-100], "kind": "bos", "offsets": [(0, 0)]})
         hard = ("image", "ref")
         n_items = len(items)
         first_content = True  # nothing has been emitted from the text yet -> dummy prefix
@@ -651,6 +709,8 @@ class NextChatProcessor(ProcessorMixin):
             kind = item[0]
             if kind == "text":
                 chunk, src = item[1], item[2]
+                if self.original_legacy is False:
+                    chunk = chunk.replace("▁", " ")  # 4.31 with legacy=False reads a typed `▁` as a space
                 left_hard = k > 0 and items[k - 1][0] in hard
                 right_hard = (k + 1 < n_items and items[k + 1][0] in hard) or (k + 1 == n_items and append_trigger)
                 start, end = 0, len(chunk)
@@ -661,16 +721,20 @@ class NextChatProcessor(ProcessorMixin):
                     while end > start and chunk[end - 1].isspace():
                         end -= 1
                 piece = chunk[start:end]
-                ids, starts = self._encoder.encode(piece, prefix=first_content)
+                ids, starts = self._encoder.encode_chunk(piece, first=first_content, legacy=self.original_legacy)
                 if not self._encoder.exact and self.control_token_ids.intersection(ids):
                     raise ValueError(
                         f"`text` of sample {sample} contains a NExT-Chat control token "
                         f"({', '.join(self._token_ids)}); this tokenizer cannot escape it"
                     )
-                for tid, st in zip(ids, starts):
+                # character span of each token in `text` (a token made only of the dummy prefix is empty)
+                bounds = [max(st, 0) for st in starts] + [len(piece)]
+                for j, (tid, st) in enumerate(zip(ids, starts)):
                     pos = src[start + min(max(st, 0), len(piece) - 1)]
                     label = tid if (return_labels and in_assistant(pos)) else -100
-                    units.append({"ids": [tid], "labels": [label], "kind": "text"})
+                    a, e = min(bounds[j], len(piece)), min(max(bounds[j + 1], bounds[j]), len(piece))
+                    span = (src[start + a], src[start + e - 1] + 1) if e > a else (pos, pos)
+                    units.append({"ids": [tid], "labels": [label], "kind": "text", "offsets": [span]})
                 if ids:
                     first_content = False
                 elif piece:
@@ -678,10 +742,14 @@ class NextChatProcessor(ProcessorMixin):
             elif kind == "image":
                 block = [self.image_start_token_id] + [self.image_token_id] * self.image_seq_length
                 block.append(self.image_end_token_id)
-                units.append({"ids": block, "labels": [-100] * len(block), "kind": "image"})
+                span = (item[1], item[1] + len(self.image_placeholder))
+                units.append(
+                    {"ids": block, "labels": [-100] * len(block), "kind": "image", "offsets": [span] * len(block)}
+                )
                 first_content = False
             elif kind == "ref":
                 target = return_labels and in_assistant(item[2])
+                span = (item[2], _REF_RE.match(text, item[2]).end())
                 for idx in item[1]:
                     units.append(
                         {
@@ -689,17 +757,21 @@ class NextChatProcessor(ProcessorMixin):
                             "labels": [self.trigger_token_id if target else -100, -100],
                             "kind": "pair",
                             "box": idx,
+                            "offsets": [span, span],
                         }
                     )
                 first_content = False
             else:  # eos
                 eos_id = self.tokenizer.eos_token_id
                 label = eos_id if (return_labels and in_assistant(item[1])) else -100
-                units.append({"ids": [eos_id], "labels": [label], "kind": "eos"})
+                span = (item[1], item[1] + len(self.tokenizer.eos_token))
+                units.append({"ids": [eos_id], "labels": [label], "kind": "eos", "offsets": [span]})
                 first_content = False
         if append_trigger:
             label = self.trigger_token_id if (return_labels and in_assistant(len(text) - 1)) else -100
-            units.append({"ids": [self.trigger_token_id], "labels": [label], "kind": "trigger"})
+            units.append(
+                {"ids": [self.trigger_token_id], "labels": [label], "kind": "trigger", "offsets": [(len(text),) * 2]}
+            )
         return units
 
     @staticmethod
@@ -745,6 +817,8 @@ class NextChatProcessor(ProcessorMixin):
         if images is None:
             return [[] for _ in range(batch_size)]
         if single:
+            if isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], (list, tuple)):
+                images = images[0]  # transformers' nested layout: one list of images per text
             flat = flatten_images(images, "images")
             if len(flat) > 1:
                 raise ValueError(f"`images`: NExT-Chat takes at most one image per sample, got {len(flat)}")
@@ -796,25 +870,128 @@ class NextChatProcessor(ProcessorMixin):
 
     # -- main call --------------------------------------------------------------------------------------------
 
+    # TextKwargs this processor cannot honour: accepted only at their neutral values
+    _NEUTRAL_TEXT_KWARGS = {
+        "text_pair": (None,),
+        "text_target": (None,),
+        "text_pair_target": (None,),
+        "stride": (None, 0),
+        "is_split_into_words": (None, False),
+        "return_token_type_ids": (None, False),
+        "return_overflowing_tokens": (None, False),
+        "return_special_tokens_mask": (None, False),
+        "return_length": (None, False),
+        "sanitize_control_tokens": (None, False),
+    }
+
+    def _call_options(self, kwargs: dict) -> dict:
+        """Merge the transformers-style options of a call (flat, ``text_kwargs``, ``images_kwargs``,
+        ``common_kwargs``) with ``ProcessorMixin._merge_kwargs`` and check them. Unknown names are errors; video and
+        audio options are accepted as transformers accepts them, and have nothing to apply to (videos and audio
+        themselves are errors)."""
+        modalities = {"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs"}
+        text_keys = set(TextKwargs.__annotations__)
+        image_keys = set(NextChatImagesKwargs.__annotations__)
+        image_keys |= set(getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {}))
+        video_keys, audio_keys = set(VideosKwargs.__annotations__), set(AudioKwargs.__annotations__)
+        flat_keys = set(self.valid_processor_kwargs.__annotations__) - modalities
+        known = text_keys | image_keys | video_keys | audio_keys
+        allowed = {
+            "text_kwargs": text_keys,
+            "images_kwargs": image_keys,
+            "videos_kwargs": video_keys,
+            "audio_kwargs": audio_keys,
+            "common_kwargs": known,
+        }
+        for key, value in kwargs.items():
+            if key in allowed:
+                if not isinstance(value, dict):
+                    raise ValueError(f"`{key}` must be a dict, got {type(value).__name__}")
+                unknown = sorted(set(value) - allowed[key] - flat_keys)
+                if unknown:
+                    raise ValueError(f"NextChatProcessor: `{key}` has unknown arguments {unknown}")
+            elif key not in known | flat_keys:
+                raise ValueError(f"NextChatProcessor got unknown arguments {[key]}")
+        tokenizer_init_kwargs = getattr(self.tokenizer, "init_kwargs", None)
+        try:
+            merged = self._merge_kwargs(
+                self.valid_processor_kwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs
+            )
+        except ValueError:
+            raise
+        except Exception as err:  # huggingface_hub's StrictDataclassFieldValidationError is not a ValueError
+            raise ValueError(f"NextChatProcessor: invalid argument: {err}") from err
+        text_kwargs = dict(merged["text_kwargs"])
+        images_kwargs = dict(merged["images_kwargs"])
+        options = {}
+        # processor-level flags (text kwargs in older transformers versions)
+        for key in ("return_text_replacement_offsets", "return_mm_token_type_ids"):
+            value = text_kwargs.pop(key, None)
+            options[key] = bool(value if value is not None else merged.get(key, False))
+        for key, neutral in self._NEUTRAL_TEXT_KWARGS.items():
+            value = text_kwargs.pop(key, None)
+            if value not in neutral:
+                raise ValueError(
+                    f"NextChatProcessor does not support `{key}`={value!r}"
+                    + (
+                        "; it always encodes control tokens typed in the text as plain text (use `escape_text` for "
+                        "untrusted text)"
+                        if key == "sanitize_control_tokens"
+                        else ""
+                    )
+                )
+        text_kwargs.pop("verbose", None)
+        padding = text_kwargs.pop("padding", True)
+        padding = getattr(padding, "value", padding)  # PaddingStrategy
+        options["padding"] = True if padding is None else padding
+        truncation = text_kwargs.pop("truncation", False)
+        truncation = getattr(truncation, "value", truncation)  # TruncationStrategy
+        if truncation in (None, False, "do_not_truncate"):
+            truncation = False
+        elif truncation in (True, "longest_first", "only_first"):
+            truncation = True
+        else:
+            raise ValueError(
+                f"`truncation` must be True, False, 'longest_first' or 'do_not_truncate', got {truncation!r}"
+            )
+        options["truncation"] = truncation
+        options["max_length"] = text_kwargs.pop("max_length", None)
+        options["padding_side"] = text_kwargs.pop("padding_side", None)
+        add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+        options["add_special_tokens"] = True if add_special_tokens is None else bool(add_special_tokens)
+        return_attention_mask = text_kwargs.pop("return_attention_mask", None)
+        options["return_attention_mask"] = True if return_attention_mask is None else bool(return_attention_mask)
+        options["return_offsets_mapping"] = bool(text_kwargs.pop("return_offsets_mapping", False))
+        multiple = text_kwargs.pop("pad_to_multiple_of", None)
+        if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
+            raise ValueError(f"`pad_to_multiple_of` must be a positive int, got {multiple!r}")
+        options["pad_to_multiple_of"] = multiple
+        return_tensors = text_kwargs.pop("return_tensors", "pt")
+        return_tensors = getattr(return_tensors, "value", return_tensors)  # TensorType
+        options["return_tensors"] = return_tensors
+        if text_kwargs:
+            raise ValueError(f"NextChatProcessor got unsupported text arguments {sorted(text_kwargs)}")
+        images_kwargs.pop("return_tensors", None)  # the processor assembles the images itself
+        seq_length = images_kwargs.pop("image_seq_length", None)
+        if seq_length is not None and seq_length != self.image_seq_length:
+            raise ValueError(
+                f"`image_seq_length`={seq_length!r} differs from the processor's {self.image_seq_length} "
+                "(set it when building the processor: it must match the model)"
+            )
+        options["images_kwargs"] = images_kwargs
+        return options
+
     def __call__(
         self,
-        images=None,
+        images: ImageInput | None = None,
         text: str | list[str] | None = None,
         boxes=None,
         masks=None,
-        return_labels: bool = False,
-        append_trigger: bool | Sequence[bool] = False,
-        return_sam_pixel_values: bool | None = None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        truncation: bool = False,
-        max_length: int | None = None,
+        return_labels: bool | None = None,
+        append_trigger: bool | Sequence[bool] | None = None,
+        clip_boxes: bool | None = None,
         truncation_side: str | None = None,
-        add_special_tokens: bool = True,
-        clip_boxes: bool = False,
-        input_data_format: str | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs,
+        **kwargs: Unpack[NextChatProcessorKwargs],
     ) -> BatchFeature:
         r"""
         Build model inputs.
@@ -830,33 +1007,59 @@ class NextChatProcessor(ProcessorMixin):
                 ``{"size": [h, w], "counts": ...}``) or ``None``; aligned with ``boxes``. Returned as
                 ``mask_targets`` (B, N, S, S) in the SAM input frame, aligned with ``box_inputs``; slots without a mask
                 are filled with -100.
-            return_labels (`bool`): training mode; also returns ``labels`` (-100 except the assistant tokens, their
-                ``</s>`` and assistant ``<at>``; ``<boxes>``, images and padding are always -100).
-            append_trigger (`bool` or list): end the prompt (of every / of the selected samples) with ``<at>``, which
-                makes the model predict a box first (the REC shortcut).
-            return_sam_pixel_values (`bool`, *optional*): defaults to whether the image processor has SAM.
-            padding (`bool` or `str`): ``True``/``"longest"`` (default), ``"max_length"`` or ``False``.
-            padding_side / truncation_side (`str`, *optional*): default to the tokenizer's.
-            truncation, max_length: drop tokens from ``truncation_side`` until the sample fits, never splitting an
-                image block (which is never dropped: ``ValueError``) or an ``<at> <boxes>`` pair (dropped whole,
-                with its ``box_inputs`` slot). BOS is kept.
-            add_special_tokens (`bool`): prepend BOS (when the tokenizer adds one).
-            clip_boxes (`bool`): clip boxes that leave the image instead of raising.
-            input_data_format: ``"channels_first"``/``"channels_last"`` for ambiguous array images.
-            return_tensors: ``"pt"`` (default) or ``"np"``.
+            return_labels (`bool`, defaults to `False`): training mode; also returns ``labels`` (-100 except the
+                assistant tokens, their ``</s>`` and assistant ``<at>``; ``<boxes>``, images and padding are always
+                -100).
+            append_trigger (`bool` or list, defaults to `False`): end the prompt (of every / of the selected
+                samples) with ``<at>``, which makes the model predict a box first (the REC shortcut).
+            clip_boxes (`bool`, defaults to `False`): clip boxes that leave the image instead of raising.
+            truncation_side (`str`, *optional*): ``"left"`` or ``"right"``; defaults to the tokenizer's.
+            **kwargs (:class:`NextChatProcessorKwargs`): transformers' processor options, flat or grouped as
+                ``text_kwargs={...}``, ``images_kwargs={...}``, ``common_kwargs={...}`` and merged with
+                ``ProcessorMixin._merge_kwargs`` (so with transformers' precedence: flat, then grouped, then
+                common, then the tokenizer's init arguments, then the defaults). Text options:
+
+                - ``padding``: ``True``/``"longest"`` (default), ``"max_length"`` or ``False``; ``padding_side``
+                  defaults to the tokenizer's; ``pad_to_multiple_of``.
+                - ``truncation``, ``max_length``: drop tokens from ``truncation_side`` until the sample fits, never
+                  splitting an image block (which is never dropped: ``ValueError``) or an ``<at> <boxes>`` pair
+                  (dropped whole, with its ``box_inputs`` slot). BOS is kept.
+                - ``add_special_tokens`` (`bool`): prepend BOS (when the tokenizer adds one).
+                - ``return_attention_mask`` (default ``True``), ``return_offsets_mapping`` (``offset_mapping``
+                  (B, T, 2): the characters of ``text`` each token comes from; all tokens of an image block point
+                  at its placeholder, both tokens of a pair at its ``[i]``; padding and appended tokens are empty),
+                  ``return_text_replacement_offsets``, ``return_mm_token_type_ids`` (1 at ``<im_patch>``).
+                - ``return_tensors``: ``"pt"`` (default) or ``"np"``.
+
+                Image options: any field of :class:`NextChatImageProcessor` for this call (``do_resize``,
+                ``size``, ``do_center_crop``, ``crop_size``, ``do_rescale``, ``rescale_factor``,
+                ``do_normalize``, ``image_mean``, ``image_std``, ``do_pad_to_square``, ``pad_color``,
+                ``sam_image_size``, ...), ``return_sam_pixel_values`` (defaults to whether the image processor has
+                SAM) and ``input_data_format`` (``"channels_first"``/``"channels_last"`` for ambiguous arrays).
 
         Returns:
             `BatchFeature` with ``input_ids``, ``attention_mask``, ``box_inputs`` (B, N, 4) float32,
             ``box_inputs_mask`` (B, N) bool, and with images ``pixel_values`` (n_images, 3, H, W), ``image_sizes``
             (B, 2) original (height, width) (0, 0 for a sample without image), ``sam_pixel_values`` (B, 3, S, S)
-            (zeros for a sample without image); ``labels`` and ``mask_targets`` on request.
+            (zeros for a sample without image); ``labels``, ``mask_targets``, ``offset_mapping``,
+            ``text_replacement_offsets`` and ``mm_token_type_ids`` on request.
         """
         for key in ("videos", "audio"):
-            if kwargs.get(key) is not None:
+            if kwargs.pop(key, None) is not None:
                 raise ValueError(f"NExT-Chat takes no `{key}`")
-            kwargs.pop(key, None)
-        if kwargs:
-            raise ValueError(f"NextChatProcessor got unknown arguments {sorted(kwargs)}")
+        return_labels = bool(return_labels)
+        clip_boxes = bool(clip_boxes)
+        if append_trigger is None:
+            append_trigger = False
+        options = self._call_options(kwargs)
+        padding = options["padding"]
+        padding_side = options["padding_side"]
+        truncation = options["truncation"]
+        max_length = options["max_length"]
+        add_special_tokens = options["add_special_tokens"]
+        return_tensors = options["return_tensors"]
+        images_kwargs = options["images_kwargs"]
+        return_sam_pixel_values = images_kwargs.pop("return_sam_pixel_values", None)
         if text is None:
             raise ValueError("`text` is required (use apply_chat_template to build it)")
         single = isinstance(text, str)
@@ -891,7 +1094,10 @@ class NextChatProcessor(ProcessorMixin):
             if len(append_flags) != batch_size:
                 raise ValueError(f"`append_trigger` must be a bool or one bool per text ({batch_size})")
 
-        sam_enabled = self.image_processor.sam_image_size is not None
+        sam_size = images_kwargs.get("sam_image_size")
+        if sam_size is None:
+            sam_size = self.image_processor.sam_image_size
+        sam_enabled = sam_size is not None
         if return_sam_pixel_values is None:
             return_sam_pixel_values = sam_enabled
         if return_sam_pixel_values and not sam_enabled:
@@ -908,10 +1114,7 @@ class NextChatProcessor(ProcessorMixin):
         rgb_sizes = []
         if flat_images:
             image_features = self.image_processor(
-                flat_images,
-                return_sam_pixel_values=bool(return_sam_pixel_values),
-                input_data_format=input_data_format,
-                return_tensors="np",
+                flat_images, return_sam_pixel_values=bool(return_sam_pixel_values), return_tensors="np", **images_kwargs
             )
             rgb_sizes = [tuple(int(v) for v in s) for s in image_features["image_sizes"]]
 
@@ -957,18 +1160,24 @@ class NextChatProcessor(ProcessorMixin):
             target = max(max_length, max(lengths))
         else:
             target = max(lengths)
+        multiple = options["pad_to_multiple_of"]
+        if multiple and padding not in (False, "do_not_pad") and target % multiple:
+            target += multiple - target % multiple
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.unk_token_id if self.tokenizer.unk_token_id is not None else 0
         input_ids = np.full((batch_size, target), pad_id, dtype=np.int64)
         attention = np.zeros((batch_size, target), dtype=np.int64)
         labels = np.full((batch_size, target), -100, dtype=np.int64)
+        offsets = np.zeros((batch_size, target, 2), dtype=np.int64)
         for b, seq in enumerate(sequences):
             n = len(seq)
             sl = slice(target - n, target) if padding_side == "left" else slice(0, n)
             input_ids[b, sl] = seq
             attention[b, sl] = 1
             labels[b, sl] = label_seqs[b]
+            if n:
+                offsets[b, sl] = [o for u in all_units[b] for o in u["offsets"]]
         n_slots = max((len(s) for s in slots), default=0)
         box_inputs = np.zeros((batch_size, n_slots, 4), dtype=np.float32)
         box_mask = np.zeros((batch_size, n_slots), dtype=bool)
@@ -977,14 +1186,17 @@ class NextChatProcessor(ProcessorMixin):
                 box_inputs[b, k] = all_norm_boxes[b][idx]
                 box_mask[b, k] = True
 
-        data: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "box_inputs": box_inputs,
-            "box_inputs_mask": box_mask,
-        }
+        data: dict[str, Any] = {"input_ids": input_ids}
+        if options["return_attention_mask"]:
+            data["attention_mask"] = attention
+        data["box_inputs"] = box_inputs
+        data["box_inputs_mask"] = box_mask
         if return_labels:
             data["labels"] = labels
+        if options["return_offsets_mapping"]:
+            data["offset_mapping"] = offsets
+        if options["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = (input_ids == self.image_token_id).astype(np.int64)
         if image_features is not None:
             data["pixel_values"] = image_features["pixel_values"]
             sizes = np.zeros((batch_size, 2), dtype=np.int64)
@@ -993,14 +1205,14 @@ class NextChatProcessor(ProcessorMixin):
                     sizes[b] = rgb_sizes[index]
             data["image_sizes"] = sizes
             if return_sam_pixel_values:
-                s = self.image_processor.sam_image_size
+                s = sam_size
                 sam = np.zeros((batch_size, 3, s, s), dtype=np.float32)
                 for b, index in enumerate(sample_image_index):
                     if index is not None:
                         sam[b] = image_features["sam_pixel_values"][index]
                 data["sam_pixel_values"] = sam
         if masks is not None:
-            s = self.image_processor.sam_image_size
+            s = sam_size
             targets = np.full((batch_size, n_slots, s, s), -100, dtype=np.float32)
             for b, sample_slots in enumerate(slots):
                 if all_masks[b] is None:
@@ -1009,7 +1221,25 @@ class NextChatProcessor(ProcessorMixin):
                     if all_masks[b][idx] is not None:
                         targets[b, k] = masks_to_sam_frame(all_masks[b][idx], s)[0]
             data["mask_targets"] = targets
-        return BatchFeature(data=data, tensor_type="pt" if return_tensors == "pt" else None)
+        out = BatchFeature(data=data, tensor_type="pt" if return_tensors == "pt" else None)
+        if options["return_text_replacement_offsets"]:
+            # offset_mapping is in the characters of `text` itself, so each placeholder keeps its span
+            out["text_replacement_offsets"] = [
+                [
+                    {
+                        "type": "image",
+                        "span": (item[1], item[1] + len(self.image_placeholder)),
+                        "new_span": (item[1], item[1] + len(self.image_placeholder)),
+                        "text": self.image_placeholder,
+                        "replacement": self.image_start_token + self.image_token * self.image_seq_length
+                        + self.image_end_token,
+                    }
+                    for item in self._parse(sample_text, b)
+                    if item[0] == "image"
+                ]
+                for b, sample_text in enumerate(texts)
+            ]
+        return out
 
     @staticmethod
     def _check_boxes(box_px, size, where, clip_boxes):
@@ -1037,85 +1267,53 @@ class NextChatProcessor(ProcessorMixin):
 
     # -- chat template ----------------------------------------------------------------------------------------
 
-    def apply_chat_template(
-        self,
-        conversation,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        tokenize: bool = False,
-        return_dict: bool = True,
-        images=None,
-        boxes=None,
-        masks=None,
-        **kwargs,
-    ):
-        """Render a conversation (or a list of conversations) with the vicuna v1.1 template.
+    # NExT-Chat's own arguments of `__call__` that `apply_chat_template` passes on to it
+    _CHAT_CALL_ARGUMENTS = ("boxes", "masks", "return_labels", "append_trigger", "clip_boxes", "truncation_side")
 
-        Messages are ``{"role": "system" | "user" | "assistant", "content": str | [parts]}``; parts are
-        ``{"type": "text", "text": ...}`` or ``{"type": "image"}`` (optionally with the image under ``"image"``,
-        ``"url"`` or ``"path"``: a PIL image, array or local file), rendered as ``<image>``. Box references ``[i]``
-        may appear in any message. ``add_generation_prompt`` ends the prompt with ``ASSISTANT:``;
-        ``continue_final_message`` leaves the final (assistant) message open (e.g. ``"Answer:"``).
+    @classmethod
+    def _plain_messages(cls, value):
+        """Message objects (dataclasses, pydantic models such as OpenAI's) -> dicts, media left as they are; as
+        transformers >= 5.25 does itself, for the older versions of the supported range."""
+        if isinstance(value, Mapping):
+            return {key: cls._plain_messages(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [cls._plain_messages(item) for item in value]
+        if isinstance(value, tuple):
+            return tuple(cls._plain_messages(item) for item in value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: cls._plain_messages(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if callable(getattr(value, "model_dump", None)):
+            return cls._plain_messages(value.model_dump())
+        return value
 
-        With ``tokenize=True`` the rendered text goes through :meth:`__call__` with ``images`` (default: the images
-        found in the messages), ``boxes``, ``masks`` and the remaining ``kwargs`` (e.g. ``return_labels``), and the
-        `BatchFeature` is returned (``return_dict=False`` returns only ``input_ids``)."""
-        template = chat_template or self.chat_template
-        if isinstance(template, dict):
-            template = template.get("default")
-        if not template:
-            raise ValueError("no chat template: pass `chat_template`")
-        batched = (
-            isinstance(conversation, (list, tuple))
-            and len(conversation) > 0
-            and isinstance(conversation[0], (list, tuple))
-        )
-        conversations = list(conversation) if batched else [conversation]
-        cleaned, found_images = [], []
-        for conv in conversations:
-            if not isinstance(conv, (list, tuple)):
-                raise ValueError("`conversation` must be a list of messages or a list of conversations")
-            messages, conv_images = [], []
-            for message in conv:
-                if not isinstance(message, dict) or "role" not in message:
-                    raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r}")
-                content = message.get("content")
-                if isinstance(content, (list, tuple)):
-                    parts = []
-                    for part in content:
-                        if not isinstance(part, dict) or "type" not in part:
-                            raise ValueError(f"content parts must be dicts with a 'type', got {part!r}")
-                        if part["type"] == "image":
-                            source = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
-                            if source is not None:
-                                conv_images.append(source)
-                            parts.append({"type": "image"})
-                        else:
-                            parts.append(dict(part))
-                    content = parts
-                messages.append({"role": message["role"], "content": content})
-            cleaned.append(messages)
-            found_images.append(conv_images)
-        from transformers.utils.chat_template_utils import render_jinja_template
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """Render a conversation (or a list of conversations) with the chat template (vicuna v1.1 by default):
+        transformers' ``ProcessorMixin.apply_chat_template`` with all its options and defaults.
 
-        rendered, _ = render_jinja_template(
-            conversations=cleaned,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-        )
-        if not tokenize:
-            return rendered if batched else rendered[0]
-        if images is None and any(found_images):
-            for i, conv_images in enumerate(found_images):
-                if len(conv_images) > 1:
-                    raise ValueError(f"conversation {i} has {len(conv_images)} images; NExT-Chat takes one")
-            images = [imgs[0] if imgs else None for imgs in found_images]
-            if not batched:
-                images = images[0]
-        out = self(images=images, text=rendered if batched else rendered[0], boxes=boxes, masks=masks, **kwargs)
-        return out if return_dict else out["input_ids"]
+        Messages are dicts (or message objects) ``{"role": "system" | "user" | "assistant", "content": str |
+        [parts]}``; parts are ``{"type": "text", "text": ...}`` or ``{"type": "image"}``, optionally with the image
+        under ``"image"``, ``"url"``, ``"path"`` (a PIL image, array or local file), rendered as ``<image>``. Box
+        references ``[i]`` may appear in any message. ``add_generation_prompt`` ends the prompt with
+        ``ASSISTANT:``; ``continue_final_message`` leaves the final (assistant) message open (e.g. ``"Answer:"``);
+        other keyword arguments that the template uses reach it as template variables.
+
+        As in transformers, ``tokenize=False`` (the default) returns the text. ``tokenize=True`` runs the text
+        through :meth:`__call__` with the images found in the messages and returns the ``input_ids``, or with
+        ``return_dict=True`` the whole `BatchFeature`; ``return_assistant_tokens_mask=True`` adds
+        ``assistant_masks`` (1 on the tokens of the assistant turns: their text, ``<at> <boxes>`` pairs and
+        ``</s>``, as the template's ``{% generation %}`` marks them). Options of :meth:`__call__` go in
+        ``processor_kwargs``; NExT-Chat's own ones (``boxes``, ``masks``, ``return_labels``, ``append_trigger``,
+        ``clip_boxes``, ``truncation_side``) may also be passed directly."""
+        moved = {key: kwargs.pop(key) for key in self._CHAT_CALL_ARGUMENTS if key in kwargs}
+        if moved:
+            processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+            for key, value in moved.items():
+                if key in processor_kwargs:
+                    raise ValueError(f"`{key}` is given twice: as an argument and in `processor_kwargs`")
+                processor_kwargs[key] = value
+            kwargs["processor_kwargs"] = processor_kwargs
+        conversation = self._plain_messages(getattr(conversation, "messages", conversation))
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     # -- post-processing --------------------------------------------------------------------------------------
 
@@ -1309,6 +1507,7 @@ class NextChatProcessor(ProcessorMixin):
 __all__ = [
     "DRAW_COLORS",
     "NextChatProcessor",
+    "NextChatProcessorKwargs",
     "VICUNA_V1_1_CHAT_TEMPLATE",
     "VICUNA_V1_1_SYSTEM",
     "draw_grounding",
