@@ -20,7 +20,9 @@ the model grounds gets the next number, so a later question may refer to it. In 
 
 Without ``--model`` the tiny model shipped in ``examples/tiny-nextchat-shapes`` is used (or ``$NEXTCHAT_DEMO_MODEL``);
 it only knows a toy world of coloured shapes. Pass ``--model DIR`` with any converted checkpoint
-(``nextchat-convert``) for real answers.
+(``nextchat-convert``) for real answers, or a LoRA adapter folder (``adapter_config.json``, e.g. a LoRA run's
+``checkpoint-N/``): it is applied to its base model (``--base-model``, default the adapter's
+``base_model_name_or_path``) and merged.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--box", action="append", default=[], metavar="X1,Y1,X2,Y2",
                         help="a pixel box referred to as [0], [1], ... in the question (repeatable)")
     parser.add_argument("--model", default=None,
-                        help="a NExT-Chat folder (default: the shipped tiny model, or $NEXTCHAT_DEMO_MODEL)")
+                        help="a NExT-Chat folder or a LoRA adapter folder (adapter_config.json, e.g. a LoRA run's "
+                        "checkpoint-N/; merged into its base model) (default: the shipped tiny model, or "
+                        "$NEXTCHAT_DEMO_MODEL)")
+    parser.add_argument("--base-model", default=None,
+                        help="with an adapter --model: its base model folder or Hub id (default: the adapter's "
+                        "base_model_name_or_path)")
     parser.add_argument("--output", default=None,
                         help="where to write the annotated PNG (default: next to the image, <name>_nextchat.png)")
     parser.add_argument("--decoding", choices=["greedy", "beam", "sample"], default="greedy",
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
         boxes = [parse_box(b) for b in args.box]
         model_dir = resolve_model_dir(args.model)
         image = load_image(args.image)  # checked before the (possibly long) model load
-        model, processor = load_model(model_dir, device=args.device, dtype=args.dtype)
+        model, processor = load_model(model_dir, device=args.device, dtype=args.dtype, base_model=args.base_model)
         session = ChatSession(model, processor, image, settings=settings, iou_threshold=args.iou_threshold)
         if args.question is None:
             _interactive(session, args, args.image, use_color)

@@ -114,27 +114,38 @@ def pick_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = log):
-    """Load a NExT-Chat folder (the model and its processor). Returns ``(model, processor)``."""
+def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", progress: Callable[[str], None] = log,
+               base_model: str | None = None):
+    """Load a NExT-Chat folder (the model and its processor), or a PEFT (LoRA) adapter folder on its base model
+    (``base_model``, default the adapter's ``base_model_name_or_path``; the adapter is merged). Returns
+    ``(model, processor)``. See :func:`nextchat.loading.load_pretrained`."""
 
-    from nextchat import NextChatForConditionalGeneration
-    from nextchat.processing import NextChatProcessor
+    from nextchat.loading import LoadingError, describe_source, load_pretrained
 
     path = Path(model_dir)
-    if not path.exists():
+    if not path.exists() and (str(model_dir).startswith((".", "/", "~")) or str(model_dir).count("/") > 1):
         raise DemoError(f"model folder {model_dir!r} does not exist")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise DemoError(f"{model_dir!r} has no config.json: pass a folder written by save_pretrained / nextchat-convert")
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise DemoError(
+            f"{model_dir!r} has neither config.json nor adapter_config.json: pass a folder written by save_pretrained "
+            "/ nextchat-convert, or a LoRA adapter folder (PeftModel.save_pretrained, a LoRA run's checkpoint-N/)"
+        )
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     start = time.perf_counter()
-    progress(f"loading the processor from {model_dir} ...")
-    processor = NextChatProcessor.from_pretrained(model_dir)
-    progress(f"loading the model from {model_dir} on {device} ({str(torch_dtype).replace('torch.', '')}) ...")
-    model = NextChatForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
+    try:
+        source = describe_source(str(model_dir), base_model)
+        if source["kind"] == "adapter":
+            progress(f"loading the adapter {model_dir} on its base model {source['base_model']} on {device} "
+                     f"({str(torch_dtype).replace('torch.', '')}) and merging it ...")
+        else:
+            progress(f"loading the model and processor from {model_dir} on {device} "
+                     f"({str(torch_dtype).replace('torch.', '')}) ...")
+        model, processor = load_pretrained(str(model_dir), device=device, dtype=torch_dtype, base_model=base_model)
+    except (LoadingError, OSError) as err:
+        raise DemoError(str(err)) from err
     if getattr(model.config, "model_type", None) != "nextchat":
         raise DemoError(f"{model_dir!r} is not a NExT-Chat model (model_type={model.config.model_type!r})")
-    model.to(device).eval()
     check_compatible(model, processor)
     n_params = sum(p.numel() for p in model.parameters())
     progress(

@@ -242,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nextchat-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=None,
-                        help="a NExT-Chat folder (default: the shipped tiny model, or $NEXTCHAT_DEMO_MODEL)")
+                        help="a NExT-Chat folder or a LoRA adapter folder (adapter_config.json, e.g. a LoRA run's "
+                        "checkpoint-N/; merged into its base model) (default: the shipped tiny model, or "
+                        "$NEXTCHAT_DEMO_MODEL)")
+    parser.add_argument("--base-model", default=None,
+                        help="with an adapter --model: its base model folder or Hub id (default: the adapter's "
+                        "base_model_name_or_path)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--decoding", choices=["greedy", "beam", "sample"], default="greedy",
@@ -268,7 +273,7 @@ def main(argv=None) -> int:
     try:
         _import_gradio()
         model_dir = resolve_model_dir(args.model)
-        model, processor = load_model(model_dir, device=args.device, dtype=args.dtype)
+        model, processor = load_model(model_dir, device=args.device, dtype=args.dtype, base_model=args.base_model)
         settings = GenerationSettings(mode=args.decoding, max_new_tokens=args.max_new_tokens).validate()
         demo = build_demo(model, processor, settings, iou_threshold=args.iou_threshold,
                           model_name=os.path.basename(os.path.normpath(model_dir)))

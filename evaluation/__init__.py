@@ -17,6 +17,7 @@ from .metrics import (
 from .paper import PAPER_RESULTS, detect_split, paper_results
 from .runners import (
     DEFAULT_TEMPLATES,
+    FastRecWarning,
     build_prompt,
     compute_metrics,
     evaluate,
@@ -31,6 +32,7 @@ from .runners import (
 __all__ = [
     "DEFAULT_TEMPLATES",
     "EvalSample",
+    "FastRecWarning",
     "PAPER_RESULTS",
     "box_iou",
     "build_prompt",

@@ -4,7 +4,10 @@
                   [--batch-size 8] [--max-new-tokens N] [--fast-rec] [--limit N] [--split NAME] ...
     nextchat-eval summary OUTPUT_DIR [OUTPUT_DIR ...]
 
-TASK is ``rec``, ``res``, ``pope`` or ``reg`` (RefCOCOg region captioning). Predictions are appended to
+``--model`` is a NExT-Chat folder / Hub id or a LoRA adapter folder (``adapter_config.json``; applied to its base
+model, ``--base-model`` to override, and merged). TASK is ``rec``, ``res``, ``pope`` or ``reg`` (RefCOCOg region
+captioning); the annotation format is in the README ("Evaluation data format") and
+:mod:`nextchat.evaluation.data`. Predictions (with the prompt used for each) are appended to
 ``OUTPUT/predictions.jsonl`` as they come; running the same command again resumes where it stopped. The metrics and
 the paper's number for the split go to ``OUTPUT/results.json`` (and are printed). ``summary`` prints a Markdown
 table of the ``results.json`` of several output folders.
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from .data import TASKS
 
@@ -27,9 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         "paper's numbers). `nextchat-eval summary DIR...` tabulates finished runs.",
     )
     parser.add_argument("task", choices=list(TASKS), help="rec | res | pope | reg (region captioning)")
-    parser.add_argument("--model", required=True, help="converted NExT-Chat folder (model + processor)")
-    parser.add_argument("--processor", default=None, help="processor folder (default: --model)")
-    parser.add_argument("--data", required=True, help="annotation file (.jsonl / .json), see nextchat.evaluation.data")
+    parser.add_argument("--model", required=True,
+                        help="a NExT-Chat folder or Hub id (model + processor), or a LoRA adapter folder "
+                        "(adapter_config.json, e.g. a LoRA run's checkpoint-N/): applied to its base model and merged")
+    parser.add_argument("--base-model", default=None,
+                        help="with an adapter --model: its base model folder or Hub id (default: the adapter's "
+                        "base_model_name_or_path)")
+    parser.add_argument("--processor", default=None,
+                        help="processor folder (default: --model; for an adapter without processor files, its base)")
+    parser.add_argument("--data", required=True,
+                        help="annotation file (.jsonl / .json); format: README 'Evaluation data format' or "
+                        "nextchat.evaluation.data")
     parser.add_argument("--images", default=None, help="image folder (default: the annotation file's folder)")
     parser.add_argument("--masks", default=None, help="res: folder of mask files, when the annotations name files")
     parser.add_argument("--output", required=True, help="output folder (predictions.jsonl, results.json)")
@@ -37,8 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: 20 (rec, res, pope), 500 (reg), as the original")
     parser.add_argument("--fast-rec", action="store_true",
-                        help="REC/RES: teacher-forced 'Answer: <at>' and one forward per batch (the original's REC "
-                        "evaluation) instead of free generation")
+                        help="REC/RES: teacher-forced '<answer prefix> <at>' and one forward per batch (the original's "
+                        "REC evaluation, how the paper's REC numbers were computed) instead of free generation. Only "
+                        "meaningful for a model trained to put a box after that prefix; a model fine-tuned to answer "
+                        "in its own format (e.g. 'The red circle <at> ...') scores near zero this way although its "
+                        "generated answers are right: set --answer-prefix or evaluate without --fast-rec. The first "
+                        "--fast-rec-check samples are compared with generation and a warning says when they disagree")
+    parser.add_argument("--answer-prefix", default=None, metavar="TEXT",
+                        help="--fast-rec only: the text forced after 'ASSISTANT:' before <at> (default 'Answer:', "
+                        "the original's; '' forces <at> at once). A line's own \"answer_prefix\" field wins. Use "
+                        "what the model writes before its box")
+    parser.add_argument("--fast-rec-check", type=int, default=8, metavar="N",
+                        help="--fast-rec only: compare with free generation on the first N samples and warn when "
+                        "they disagree (default 8; 0 skips)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--split", default=None,
                         help="paper split (refcoco_val, refcoco+_testA, refcocog_test, random, popular, adversarial, "
@@ -85,22 +108,44 @@ def main(argv: list[str] | None = None) -> int:
         return summary(argv[1:])
     args = _parser().parse_args(argv)
 
+    if args.answer_prefix is not None and not args.fast_rec:
+        _parser().error("--answer-prefix applies to --fast-rec only")
+    if args.fast_rec and args.task not in ("rec", "res"):
+        _parser().error("--fast-rec applies to rec and res only")
+    if args.fast_rec_check < 0:
+        _parser().error("--fast-rec-check must be >= 0")
+
     import torch
 
-    from nextchat import NextChatForConditionalGeneration
-    from nextchat.processing import NextChatProcessor
+    from nextchat.loading import LoadingError, load_pretrained
 
-    from .runners import evaluate, format_results_table
+    from .runners import FastRecWarning, evaluate, format_results_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    processor = NextChatProcessor.from_pretrained(args.processor or args.model)
-    model = NextChatForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
-    model.to(device).eval()
-    results = evaluate(
+    try:
+        model, processor = load_pretrained(args.model, device=device, dtype=dtype, base_model=args.base_model,
+                                           processor=args.processor)
+    except (LoadingError, OSError) as err:
+        print(f"nextchat-eval: error: {err}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastRecWarning)  # printed below from results["warnings"]
+        results = _evaluate(evaluate, args, model, processor)
+    for message in results.get("warnings", []):
+        print(f"nextchat-eval: warning: {message}", file=sys.stderr)
+    print(json.dumps(results["metrics"], indent=2, sort_keys=True))
+    print(format_results_table([results]))
+    for message in results.get("warnings", []):
+        print(f"WARNING: {message}")
+    return 0
+
+
+def _evaluate(evaluate, args, model, processor) -> dict:
+    return evaluate(
         args.task,
         model,
         processor,
@@ -122,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         model_name=os.path.basename(os.path.normpath(args.model)),
         masks_dir=args.masks,
+        answer_prefix=args.answer_prefix,
+        fast_rec_check_samples=args.fast_rec_check if args.fast_rec else 0,
     )
-    print(json.dumps(results["metrics"], indent=2, sort_keys=True))
-    print(format_results_table([results]))
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,14 @@ REC has two modes:
   ``Answer: <at> <boxes> .</s>``, whose tokens after ``<at>`` cannot change the causal hidden state at ``<at>``),
   and ONE forward per batch reads ``pred_boxes`` at that trigger. This is how the paper's REC numbers were
   computed. For RES the same switch reads the mask of that trigger (SAM) in one forward; the paper's RES numbers
-  used generation.
+  used generation. The forced prefix is a sample's own ``answer_prefix``, else ``answer_prefix=`` (``--answer-prefix``),
+  else ``Answer:``. It is only meaningful for a model trained to put its box after that prefix (the original's REC
+  answers are ``Answer: <at> <boxes> .``); a model that answers in its own format (``The red circle <at> ...``) is
+  read at an untrained position and scores far below its generation score. :func:`fast_rec_check` compares the
+  two on the first samples and :func:`evaluate` warns (:class:`FastRecWarning`, ``results["warnings"]``).
+
+Every prediction record holds the prompt actually used (``user_prompt``, ``prompt_source``, ``prompt``) and
+``results["settings"]["prompts"]`` summarises them (:func:`prompt_summary`).
 
 Metrics (:mod:`nextchat.evaluation.metrics`): REC IoU in the padded-square normalised frame with the raw box (as the
 original, unclipped; equal to pixel IoU for boxes inside the image); RES I/U per sample between the predicted mask
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 
@@ -122,9 +130,9 @@ def choose_template(templates: list[str], sample_id: str) -> str:
     return templates[zlib.crc32(sample_id.encode("utf-8")) % len(templates)]
 
 
-def build_prompt(task: str, sample: EvalSample, processor, templates: list[str], fast: bool = False) -> str:
-    """The full prompt text of a sample (vicuna v1.1, ending in ``ASSISTANT:``; with ``fast`` followed by the answer
-    prefix, e.g. ``ASSISTANT: Answer:``, to which the processor appends ``<at>``)."""
+def build_user_message(task: str, sample: EvalSample, processor, templates: list[str]) -> str:
+    """The user turn of a sample: its own ``question`` when it has one, else its template filled in (with the
+    image placeholder put first when missing)."""
     if sample.question is not None:
         user = sample.question.replace("<objs>", "[0]") if task == "reg" else sample.question
     else:
@@ -137,12 +145,55 @@ def build_prompt(task: str, sample: EvalSample, processor, templates: list[str],
             user = user.replace("<objs>", "[0]")
     if processor.image_placeholder not in user:
         user = f"{processor.image_placeholder} {user}"
+    return user
+
+
+def sample_answer_prefix(sample: EvalSample, default: str | None = None) -> str:
+    """The teacher-forced answer prefix of the fast path: the sample's own ``answer_prefix``, else ``default``
+    (``--answer-prefix``), else :data:`DEFAULT_ANSWER_PREFIX` (``"Answer:"``)."""
+    if sample.answer_prefix is not None:
+        return sample.answer_prefix
+    return DEFAULT_ANSWER_PREFIX if default is None else default
+
+
+def build_prompt(task: str, sample: EvalSample, processor, templates: list[str], fast: bool = False,
+                 answer_prefix: str | None = None) -> str:
+    """The full prompt text of a sample (vicuna v1.1, ending in ``ASSISTANT:``; with ``fast`` followed by the answer
+    prefix, e.g. ``ASSISTANT: Answer:``, to which the processor appends ``<at>``). ``answer_prefix`` is the prefix
+    of samples without their own (default ``"Answer:"``)."""
+    user = build_user_message(task, sample, processor, templates)
     text = processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
     if fast:
-        prefix = sample.answer_prefix if sample.answer_prefix is not None else DEFAULT_ANSWER_PREFIX
+        prefix = sample_answer_prefix(sample, answer_prefix)
         if prefix:
             text = f"{text} {processor.escape_text(prefix)}"
     return text
+
+
+def prompt_summary(task: str, samples: Sequence[EvalSample], templates: list[str], max_listed: int = 20) -> dict:
+    """What prompted the samples: how many used their own ``question`` (from the data file) and how many a
+    template, the templates used with counts, and the most frequent per-sample questions with counts."""
+    from collections import Counter
+
+    questions = Counter(s.question for s in samples if s.question is not None)
+    used = Counter(choose_template(templates, s.id) for s in samples if s.question is None)
+    n_question = sum(questions.values())
+    n_template = sum(used.values())
+    if n_question and n_template:
+        source = "mixed: per-sample questions from the data file, templates for the other samples"
+    elif n_question:
+        source = "per-sample questions from the data file (no template used)"
+    else:
+        source = "template"
+    return {
+        "source": source,
+        "from_data_question": n_question,
+        "from_template": n_template,
+        "templates_used": {t: used[t] for t in templates if used[t]},
+        "num_distinct_questions": len(questions),
+        "questions": dict(questions.most_common(max_listed)),
+        "questions_listed": min(len(questions), max_listed),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,7 +278,8 @@ def _pixel_box(raw, size) -> list[float]:
 
 class _Runner:
     def __init__(self, task, model, processor, templates, fast, max_new_tokens, images_dir, data_dir,
-                 res_multi_trigger, generate_kwargs, masks_dir=None):
+                 res_multi_trigger, generate_kwargs, masks_dir=None, answer_prefix=None):
+        self.answer_prefix = answer_prefix
         self.task = task
         self.model = model
         self.processor = processor
@@ -246,7 +298,8 @@ class _Runner:
 
     def inputs(self, samples: list[EvalSample]):
         images = [load_image(s.image, self.images_dir, self.data_dir) for s in samples]
-        texts = [build_prompt(self.task, s, self.processor, self.templates, self.fast) for s in samples]
+        texts = [build_prompt(self.task, s, self.processor, self.templates, self.fast, self.answer_prefix)
+                 for s in samples]
         boxes = [[s.bbox] for s in samples] if self.task == "reg" else None
         inputs = self.processor(
             images=images,
@@ -259,6 +312,7 @@ class _Runner:
             return_tensors="pt",
         )
         sizes = [tuple(int(v) for v in s) for s in inputs.pop("image_sizes").tolist()]
+        self.last_prompts = texts
         return _to_model(dict(inputs), self.model), sizes
 
     def generate(self, inputs):
@@ -294,7 +348,18 @@ class _Runner:
 
     def predict(self, samples: list[EvalSample]) -> list[dict]:
         inputs, sizes = self.inputs(samples)
-        return getattr(self, f"_predict_{self.task}")(samples, inputs, sizes)
+        records = getattr(self, f"_predict_{self.task}")(samples, inputs, sizes)
+        for s, record, prompt in zip(samples, records, self.last_prompts):
+            # what the model was actually asked: the user turn (template filled in, or the sample's own question)
+            # and the full rendered prompt (in the fast path followed by the answer prefix; the processor then
+            # appends the trigger <at>)
+            record["user_prompt"] = build_user_message(self.task, s, self.processor, self.templates)
+            record["prompt_source"] = "question" if s.question is not None else "template"
+            record["prompt"] = prompt
+            if self.fast:
+                record["answer_prefix"] = sample_answer_prefix(s, self.answer_prefix)
+                record["prompt_ends_with_trigger"] = True
+        return records
 
     def _predict_rec(self, samples, inputs, sizes):
         records = []
@@ -371,6 +436,83 @@ class _Runner:
              "references": s.references}
             for s, p in zip(samples, post)
         ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast REC sanity check
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FastRecWarning(UserWarning):
+    """The teacher-forced fast REC path disagrees with free generation for this model (see :func:`fast_rec_check`)."""
+
+
+FAST_REC_AGREEMENT_IOU = 0.5
+
+
+def fast_rec_check(runner: "_Runner", samples: list[EvalSample], iou_threshold: float = FAST_REC_AGREEMENT_IOU) -> dict:
+    """Compare the fast path (teacher-forced ``<answer prefix> <at>``) with free greedy generation on ``samples``.
+
+    The fast path reads the box at an ``<at>`` forced right after the answer prefix (``"Answer:"`` unless the
+    sample or ``answer_prefix`` says otherwise). A model fine-tuned to answer in its own format (e.g.
+    ``"The red circle <at> <boxes> ..."``) was never trained to put a box after ``"Answer:"``, so the forced trigger
+    reads an untrained position and the score collapses while generation is fine. Returns ``{"checked",
+    "agreeing", "same_prefix", "mean_iou", "generated_prefixes", "answer_prefixes", "agree"}``: ``agreeing`` counts
+    samples whose first generated box has IoU >= ``iou_threshold`` with the fast box, ``same_prefix`` those whose
+    generated text before the first ``<at>`` is the forced prefix (case, spaces and ``.,:;`` at the ends ignored);
+    ``agree`` is true when both hold for at least half of the samples."""
+    fast_inputs, _ = runner.inputs(samples)
+    fast_boxes, _ = runner.fast_forward(fast_inputs, with_masks=False)
+    runner.fast = False
+    try:
+        gen_inputs, sizes = runner.inputs(samples)
+    finally:
+        runner.fast = True
+    gen_inputs.pop("sam_pixel_values", None)
+    post = runner.processor.post_process_generation(runner.generate(gen_inputs), image_sizes=sizes)
+    ious, prefixes = [], []
+    for fast_box, p in zip(fast_boxes, post):
+        if p["entities"]:
+            prefixes.append(p["text"][: p["entities"][0]["span"][1]].strip())
+            gen_box = np.asarray(p["entities"][0]["box_normalized"], dtype=np.float64)
+            ious.append(float(box_iou(np.asarray(fast_box, dtype=np.float64), gen_box)[0]))
+        else:
+            prefixes.append(None)
+            ious.append(0.0)
+    forced = [sample_answer_prefix(s, runner.answer_prefix) for s in samples]
+    same_prefix = sum(g is not None and _norm_prefix(g) == _norm_prefix(f) for g, f in zip(prefixes, forced))
+    same_box = sum(iou >= iou_threshold for iou in ious)
+    n = len(samples)
+    return {
+        "checked": n,
+        "agreeing": same_box,
+        "same_prefix": same_prefix,
+        "iou_threshold": iou_threshold,
+        "mean_iou": round(float(np.mean(ious)), 4) if ious else None,
+        "answer_prefixes": forced,
+        "generated_prefixes": prefixes,
+        "agree": same_box * 2 >= n and same_prefix * 2 >= n,
+    }
+
+
+def _norm_prefix(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .,:;")
+
+
+def fast_rec_warning(check: dict) -> str:
+    forced = sorted(set(check["answer_prefixes"]))
+    shown = "; ".join("(no <at>)" if p is None else repr(p[:60]) for p in check["generated_prefixes"][:3])
+    n = check["checked"]
+    return (
+        f"--fast-rec does not match how this model answers: on the first {n} samples, its generated answer starts "
+        f"with the forced prefix ({' / '.join(repr(p) for p in forced)}) before its first <at> in "
+        f"{check['same_prefix']} of {n}, and the teacher-forced box agrees with the generated box (IoU >= "
+        f"{check['iou_threshold']}) in {check['agreeing']} of {n} (mean IoU {check['mean_iou']}). The model answers "
+        f"e.g. {shown}. The fast path reads the box at an <at> forced after the prefix, a position the model was not "
+        "trained on, so its fast-rec score can be far below its real one (--fast-rec disagrees with free "
+        "generation). Set what the model writes before its box with --answer-prefix TEXT (or a per-line "
+        "\"answer_prefix\" in the data file), or evaluate without --fast-rec (free generation)."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -464,6 +606,8 @@ def evaluate(
     model_name: str | None = None,
     extra_settings: dict | None = None,
     masks_dir: str | None = None,
+    answer_prefix: str | None = None,
+    fast_rec_check_samples: int = 8,
 ) -> dict:
     """Evaluate ``model`` on one benchmark file; returns the results dict (also written to ``results.json``).
 
@@ -490,6 +634,19 @@ def evaluate(
         model_name: the model's name for the records (default: ``model.name_or_path``).
         extra_settings: more entries for ``results["settings"]``.
         masks_dir: folder of RES mask files when the annotations name files (looked up before ``images_dir``).
+        answer_prefix: fast path only: the text forced before ``<at>`` for samples without their own
+            ``answer_prefix`` (default ``"Answer:"``, the original's). Set it to what the model writes before its
+            box (e.g. ``"The red circle"``-style answers need the phrase; an empty string forces ``<at>`` right
+            after ``ASSISTANT:``).
+        fast_rec_check_samples: fast path only: compare it with free generation on this many first samples
+            (:func:`fast_rec_check`) and warn (:class:`FastRecWarning`, ``results["warnings"]``) when they disagree;
+            0 skips the check.
+
+    Every prediction record holds ``user_prompt`` (the user turn: template filled in or the sample's own
+    ``question``), ``prompt_source`` (``"template"`` / ``"question"``) and ``prompt`` (the full rendered prompt; in
+    the fast path ending in the answer prefix, after which the processor appends ``<at>``; ``answer_prefix`` is
+    recorded too). ``results["settings"]["prompts"]`` summarises the prompts used (:func:`prompt_summary`) and
+    ``settings["templates"]`` lists only templates that some sample used.
     """
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
@@ -502,6 +659,12 @@ def evaluate(
     fast = bool(fast_rec) and task in ("rec", "res")
     if fast_rec and task not in ("rec", "res"):
         raise ValueError(f"`fast_rec` applies to rec and res only, not {task!r}")
+    if answer_prefix is not None and not isinstance(answer_prefix, str):
+        raise ValueError(f"`answer_prefix` must be a string, got {answer_prefix!r}")
+    if answer_prefix is not None and not fast:
+        raise ValueError("`answer_prefix` (--answer-prefix) applies to the fast path only (fast_rec=True, --fast-rec)")
+    if not isinstance(fast_rec_check_samples, int) or fast_rec_check_samples < 0:
+        raise ValueError(f"`fast_rec_check_samples` must be a non-negative int, got {fast_rec_check_samples!r}")
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
     templates = load_templates(task, template)
 
@@ -530,6 +693,8 @@ def evaluate(
         "res_multi_trigger": res_multi_trigger if task == "res" else None,
         "generate_kwargs": {k: _stable_repr(v) for k, v in sorted((generate_kwargs or {}).items())},
     })
+    if answer_prefix is not None:  # only when given, so that earlier runs still resume
+        run_config["answer_prefix"] = answer_prefix
     if overwrite:
         for path in (predictions_path, config_path, results_path):
             if os.path.exists(path):
@@ -550,9 +715,18 @@ def evaluate(
     store = PredictionStore(predictions_path)
     todo = [s for s in selected if s.id not in store]
     runner = _Runner(task, model, processor, templates, fast, max_new_tokens, images_dir, data_dir,
-                     res_multi_trigger, generate_kwargs, masks_dir)
+                     res_multi_trigger, generate_kwargs, masks_dir, answer_prefix)
     was_training = getattr(model, "training", False)
     model.eval()
+    warnings_out = []
+    check = None
+    if fast and fast_rec_check_samples and selected:
+        with torch.inference_mode():
+            check = fast_rec_check(runner, selected[:fast_rec_check_samples])
+        if not check["agree"]:
+            message = fast_rec_warning(check)
+            warnings_out.append(message)
+            warnings.warn(message, FastRecWarning, stacklevel=2)
     torch.manual_seed(0)
     bar = None
     if progress:
@@ -575,16 +749,22 @@ def evaluate(
     records = [store.records[s.id] for s in selected]
     metrics = compute_metrics(task, records, caption_tokenizer=caption_tokenizer, meteor=meteor)
     paper = paper_results(task, split)
+    prompts = prompt_summary(task, selected, templates)
     settings = {
         "model": model_name,
         "fast_rec": fast,
         "batch_size": batch_size,
         "max_new_tokens": None if fast else max_new_tokens,
-        "templates": templates,
+        "templates": list(prompts["templates_used"]),
+        "prompts": prompts,
         "limit": limit,
         "decoding": "greedy (do_sample=False, num_beams=1)" if not fast else "teacher-forced trigger, one forward",
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
     }
+    if fast:
+        settings["answer_prefix"] = answer_prefix if answer_prefix is not None else DEFAULT_ANSWER_PREFIX
+        settings["answer_prefix_note"] = "a sample's own answer_prefix wins"
+        settings["fast_rec_check"] = check
     settings.update(extra_settings or {})
     results = _jsonable({
         "task": task,
@@ -597,6 +777,7 @@ def evaluate(
         "paper_source": PAPER_SOURCE if paper else None,
         "comparison": comparison_rows(task, metrics, paper),
         "settings": settings,
+        "warnings": warnings_out,
     })
     tmp = results_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -640,8 +821,13 @@ def format_results_table(results: Sequence[dict]) -> str:
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_TEMPLATES",
+    "FastRecWarning",
     "PredictionStore",
     "build_prompt",
+    "build_user_message",
+    "fast_rec_check",
+    "prompt_summary",
+    "sample_answer_prefix",
     "choose_template",
     "comparison_rows",
     "compute_metrics",
