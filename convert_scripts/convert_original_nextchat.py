@@ -23,9 +23,9 @@ What it does, in order (nothing is written before every check has passed):
    `inv_freq` of transformers 4.31 (checked against the rope settings of the config) and, in checkpoints
    written by older transformers, CLIP's `embeddings.position_ids` (checked to be 0..n-1).
 4. *Write* the folder with `save_pretrained`: sharded safetensors in the chosen dtype, `config.json` with
-   the token ids, `generation_config.json`, the tokenizer (a fast tokenizer that gives the ids of the
-   original's transformers 4.31 slow tokenizer, following the source's `legacy` flag, which it records; see
-   `load_original_tokenizer`), the processor (tokenizer + image processor + chat template, with
+   the token ids, `generation_config.json`, the tokenizer (`NextChatLlamaTokenizer`, shipped as remote code,
+   which gives exactly the ids of the original's transformers 4.31 slow tokenizer, following the source's
+   `legacy` flag, which it records; see `load_original_tokenizer`), the processor (tokenizer + image processor + chat template, with
    `original_legacy` set to that flag), the flat remote code (written by the model's `save_pretrained`), and
    a model card.
 
@@ -610,12 +610,20 @@ def _check_sentencepiece_model(original_dir: Path):
 
 
 def load_original_tokenizer(original_dir: Path):
-    r"""The checkpoint's tokenizer as a fast tokenizer whose plain `tokenizer(text)` gives the ids transformers 4.31's
-    slow `LlamaTokenizer` gave (the original's pin; `reference/nextchat_original.md` §4.2). Returns
-    `(tokenizer, token_ids)`; the source's `legacy` flag is `tokenizer.init_kwargs["legacy"]` (saved to
-    `tokenizer_config.json`) and, through `build_processor`, the processor's `original_legacy`.
+    r"""The checkpoint's tokenizer as a `NextChatLlamaTokenizer` whose plain `tokenizer(text)` gives the ids
+    transformers 4.31's slow `LlamaTokenizer` gave (the original's pin; `reference/nextchat_original.md` §4.2),
+    under either `legacy` flag. Returns `(tokenizer, token_ids)`; the source's `legacy` flag is
+    `tokenizer.init_kwargs["legacy"]` (saved to `tokenizer_config.json`) and, through `build_processor`, the
+    processor's `original_legacy`.
 
-    What 4.31 did, and how the `tokenizers` pipeline written here does the same:
+    `NextChatLlamaTokenizer` (`processing/tokenization_nextchat.py`, saved next to the tokenizer with an `auto_map`,
+    so `AutoTokenizer` needs `trust_remote_code=True` where `nextchat` is not imported) is a Python tokenizer: it
+    splits and strips as 4.31 did (Python's `str.strip`, a typed `▁` read as a space first under `legacy=False`)
+    and encodes every stretch of text with the BPE model of `tokenizer.json` as SentencePiece does, cutting the `▁`
+    off the first piece where 4.31 cut it. `tokenizer.json` also holds a complete `tokenizers` pipeline, for
+    tools that read it without this class; that pipeline gives the same ids except where noted below.
+
+    What 4.31 did, and how the `tokenizers` pipeline in `tokenizer.json` approximates it:
 
     * The text is split on the added tokens and `<s>`, `</s>`, `<unk>`; whitespace next to a token is stripped as
       4.31 stripped it (`read_original_tokenizer_settings`): added tokens get `lstrip=rstrip=True`, special tokens
@@ -629,18 +637,20 @@ def load_original_tokenizer(original_dir: Path):
       encodes it with its prefix) through `Replace(Regex("\A "), "▁ ")`. 4.31 encoded the other stretches with
       the prefix and cut the `▁` off the first piece; a `tokenizers` pipeline encodes them without the prefix,
       which differs where the `▁` took part in a merge (`the` after `<boxes>`: 4.31 cut `▁the` to `the`, `<unk>`
-      when that is no piece). `NextChatProcessor` (with `original_legacy=False`) reproduces that exactly.
+      when that is no piece). `NextChatLlamaTokenizer` and `NextChatProcessor` reproduce that exactly.
     * The BPE model keeps SentencePiece's unknown handling: `byte_fallback` as the model has it (transformers 5
       forces it on, which silently drops unknown characters when the model has no byte pieces), `<unk>` for a run
       of unknown characters (`fuse_unk`).
 
-    Other differences (tests/test_tokenizer_fidelity.py): the fast tokenizer strips Unicode whitespace next to a
-    token but not the ASCII separators U+001C..U+001F that Python's `str.strip` also removed; with `legacy=False`
-    a typed `▁` right next to a token is not stripped (4.31 turned it into a space first). The processor has none
-    of these differences.
+    Other differences of the bare `tokenizers` pipeline: it strips Unicode whitespace next to a token but not the
+    ASCII separators U+001C..U+001F that Python's `str.strip` also removed; with `legacy=False` a typed `▁` right
+    next to a token is not stripped (4.31 turned it into a space first). `NextChatLlamaTokenizer` and the processor
+    have none of these differences (tests/test_tokenizer_fidelity.py).
     """
     from tokenizers import Tokenizer
-    from transformers import AddedToken, LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers import AddedToken, LlamaTokenizer
+
+    from nextchat.processing.tokenization_nextchat import NextChatLlamaTokenizer
 
     if not (original_dir / "tokenizer.model").is_file():
         raise ConversionError(f"{original_dir} has no tokenizer.model (the original slow LLaMA tokenizer)")
@@ -705,7 +715,7 @@ def load_original_tokenizer(original_dir: Path):
     kwargs["pad_token"] = special.get("pad_token") or special.get("unk_token")  # the original pads with <unk> (id 0)
     if isinstance(settings["model_max_length"], int):
         kwargs["model_max_length"] = settings["model_max_length"]
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = NextChatLlamaTokenizer(
         tokenizer_object=Tokenizer.from_str(json.dumps(data)),
         add_bos_token=settings["add_bos_token"],
         add_eos_token=settings["add_eos_token"],
@@ -996,16 +1006,10 @@ def _original_license(original_dir: Path) -> str | None:
 def _tokenization_note(legacy: bool | None) -> str:
     if legacy is None:
         return ""
-    note = (
-        f"Tokenisation: the original tokenizer (transformers 4.31, slow) has `legacy: {str(legacy).lower()}`; the processor "
-        f"(`original_legacy={legacy}`) gives exactly its ids"
-    )
-    if legacy:
-        return note + ", and so does the plain `tokenizer(text)`.\n"
-    return note + (
-        ". The plain `tokenizer(text)` does too, except that after a control token or `</s>` it encodes the text without "
-        "SentencePiece's dummy prefix where 4.31 encoded it with the prefix and cut the `▁` off the first piece (which "
-        "can differ, e.g. `<unk>` for a word whose `▁`-less form is no piece): use the processor for exact ids.\n"
+    return (
+        f"Tokenisation: the original tokenizer (transformers 4.31, slow) has `legacy: {str(legacy).lower()}`; the "
+        f"tokenizer here (`NextChatLlamaTokenizer`, remote code: `AutoTokenizer.from_pretrained(repo, "
+        f"trust_remote_code=True)`) and the processor (`original_legacy={legacy}`) give exactly its ids.\n"
     )
 
 

@@ -7,6 +7,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
 )
 
 from .configuration import NextChatConfig
@@ -17,7 +18,7 @@ from .modeling_nextchat import (
     NextChatPreTrainedModel,
 )
 from .generation_nextchat import NextChatGenerateOutput
-from .processing import NextChatImageProcessor, NextChatProcessor, build_tiny_processor
+from .processing import NextChatImageProcessor, NextChatLlamaTokenizer, NextChatProcessor, build_tiny_processor
 
 
 AutoConfig.register("nextchat", NextChatConfig, exist_ok=True)
@@ -30,6 +31,8 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 AutoProcessor.register(NextChatConfig, NextChatProcessor, exist_ok=True)
+# The tokenizer `nextchat-convert` writes (tokenizer_config.json names it); other folders name their own class.
+AutoTokenizer.register(NextChatConfig, tokenizer_class=NextChatLlamaTokenizer, exist_ok=True)
 
 
 __all__ = [

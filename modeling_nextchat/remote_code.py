@@ -23,6 +23,10 @@ REMOTE_CODE_MODULES = {
     "processing_nextchat.py": "nextchat.processing.processing_nextchat",
 }
 
+# shipped only where a folder's tokenizer is this class (transformers' own `register_for_auto_class` copies it when
+# the tokenizer is saved); `refresh_folder` refreshes it there
+TOKENIZER_CODE_MODULES = {"tokenization_nextchat.py": "nextchat.processing.tokenization_nextchat"}
+
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_nextchat.NextChatProcessor"}
 IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_nextchat.NextChatImageProcessor"}
 
@@ -103,6 +107,18 @@ def refresh_folder(folder: str) -> list[str]:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"`folder` {folder!r} has no config.json: not a saved NExT-Chat folder")
     written = write_remote_code(folder)
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        with open(tokenizer_config, encoding="utf-8") as handle:
+            auto_map = json.load(handle).get("auto_map") or {}
+        names = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+        for file_name, module_name in TOKENIZER_CODE_MODULES.items():
+            if any(isinstance(n, str) and n.split(".")[0] == file_name[:-3] for n in names or []):
+                with open(_source_path(module_name), encoding="utf-8") as handle:
+                    source = handle.read()
+                with open(os.path.join(folder, file_name), "w", encoding="utf-8") as handle:
+                    handle.write(source)
+                written.append(file_name)
     add_auto_map(os.path.join(folder, "config.json"), MODEL_AUTO_MAP)
     add_processor_auto_map(folder)
     return written

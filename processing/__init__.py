@@ -24,11 +24,13 @@ from .processing_nextchat import (
     escape_text,
 )
 from .tiny import build_tiny_processor, build_tiny_tokenizer
+from .tokenization_nextchat import NextChatLlamaTokenizer
 
 
 __all__ = [
     "NextChatImageProcessor",
     "NextChatImagesKwargs",
+    "NextChatLlamaTokenizer",
     "NextChatProcessor",
     "NextChatProcessorKwargs",
     "VICUNA_V1_1_CHAT_TEMPLATE",

@@ -134,6 +134,8 @@ class _ChunkEncoder:
         self.tokenizer = tokenizer
         self.exact = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # NextChatLlamaTokenizer (converted checkpoints): a Python tokenizer on that pipeline
+            backend = getattr(tokenizer, "bpe_tokenizer", None)
         if backend is not None:
             model = backend.model
             pre = repr(backend.pre_tokenizer)

@@ -637,7 +637,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 repo, inputs_path, result_path = sys.argv[1:4]
 model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(repo)
+tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+assert type(tokenizer).__module__.startswith("transformers_modules."), type(tokenizer).__module__
 assert not any(name.split(".")[0] == "nextchat" for name in sys.modules), "nextchat was imported"
 inputs = torch.load(inputs_path)
 with torch.no_grad():

@@ -4,17 +4,17 @@
 §4.2), written with the `sentencepiece` package on the checkpoint's own `tokenizer.model`; nothing of `nextchat` is
 used to compute the expected ids. The fixture (`../shared/fixtures/original_tiny`, `legacy: true`) and a copy of it
 whose `tokenizer_config.json` says `legacy: false` are converted with `nextchat-convert`; for both, the plain
-`tokenizer(text)` of the converted folder and its `NextChatProcessor` must give the reference's ids.
-
-The one deviation the fast tokenizer cannot avoid is asserted exactly (see `test_raw_tokenizer_matches_reference`):
-with `legacy=False`, 4.31 encoded a chunk that follows a token WITH the dummy prefix and then cut the `▁` off its
-first piece (`▁do` -> `do`, which is no piece of the tiny vocabulary -> `<unk>`); a `tokenizers` pipeline can only
-encode such a chunk without the prefix (`d`, `o`). The processor reproduces 4.31 there too.
+`tokenizer(text)` of the converted folder (`NextChatLlamaTokenizer`, loaded locally and as remote code in a process
+without `nextchat`) and its `NextChatProcessor` must give the reference's ids, with no exception: with `legacy=False`
+4.31 encoded a chunk that follows a token WITH the dummy prefix and then cut the `▁` off its first piece (`<boxes>
+doing` -> `▁do` -> `do`, no piece of the tiny vocabulary -> `<unk>`), and it stripped with Python's `str.strip`
+(U+001C..U+001F included) after reading a typed `▁` as a space.
 """
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,27 +66,18 @@ class Reference431:
     * pieces become ids with `piece_to_id` (an unknown piece is `<unk>`), added tokens through
       `added_tokens.json`; BOS in front (`add_bos_token`).
 
-    `cut_prefix=False` encodes the chunks of the last kind with SentencePiece WITHOUT the dummy prefix instead
-    (what a `tokenizers` pipeline can do; used to state the one deviation of the raw fast tokenizer exactly).
     """
 
-    def __init__(self, folder, legacy=None, cut_prefix=True):
+    def __init__(self, folder, legacy=None):
         folder = Path(folder)
         model = (folder / "tokenizer.model").read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=model)
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(model)
-        proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         config = json.loads((folder / "tokenizer_config.json").read_text())
         special_map = self._json(folder / "special_tokens_map.json")
         self.added = {k: int(v) for k, v in self._json(folder / "added_tokens.json").items()}
         self.legacy = config.get("legacy") if legacy is None else legacy
         if self.legacy is None:
             self.legacy = True  # 4.31's default (with its warning)
-        self.cut_prefix = cut_prefix
         self.add_bos = config.get("add_bos_token", True)
         self.add_eos = config.get("add_eos_token", False)
         contents, flags = {}, {}
@@ -133,8 +124,6 @@ class Reference431:
             if is_first:
                 text = text[1:]
         cut = not self.legacy and not is_first and not text.startswith(" ")
-        if cut and not self.cut_prefix:
-            return self.sp_no_prefix.encode(text, out_type=str)
         pieces = self.sp.encode(text, out_type=str)
         if cut and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
             pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
@@ -234,7 +223,6 @@ def converted(tmp_path_factory):
             original=original,
             folder=folder,
             ref=Reference431(original),
-            ref_uncut=Reference431(original, cut_prefix=False),
             raw=raw,
             processor=processor,
         )
@@ -246,16 +234,10 @@ def variant(request, converted):
     return converted[request.param]
 
 
-def _raw_matches(v, text):
-    """The raw tokenizer gives the reference's ids; with legacy=False, where 4.31 cut the `▁` off a piece, the
-    ids of the same rule with that chunk encoded without the prefix (the one thing a fast tokenizer cannot do)."""
+def _assert_raw_matches(v, text):
+    """The raw tokenizer gives the reference's ids, tokens included."""
     got = v.raw(text).input_ids
-    expected = v.ref(text)
-    if v.legacy or got == expected:
-        assert got == expected, (text, v.raw.convert_ids_to_tokens(got), v.ref.tokenize(text))
-        return True
-    assert got == v.ref_uncut(text), (text, v.raw.convert_ids_to_tokens(got), v.ref_uncut.tokenize(text))
-    return False
+    assert got == v.ref(text), (text, v.raw.convert_ids_to_tokens(got), v.ref.tokenize(text))
 
 
 def _process(processor, text, return_labels=False, append_trigger=False):
@@ -358,17 +340,69 @@ RAW_CASES = [
     # a multi-turn vicuna conversation
     f"{SYSTEM} USER: {BLOCK} Where is the dog? ASSISTANT: Answer: <at> <boxes> .</s>USER: And the cat <at> <boxes>? "
     "ASSISTANT: It is here <at> <boxes> <at> <boxes> and there.</s>USER: Thanks. ASSISTANT:",
+    # where 4.31 (legacy=False) cut the `▁` off a merged piece: `▁the` -> `the`, `▁do` -> `do` (no piece: <unk>)
+    "<boxes>the end", "<at> the cat", "x <im_end> doing", "a</s>the", "</s>doing",
+    # Python's str.strip: the separators U+001C..U+001F and other Unicode whitespace next to a token
+    *[f"a{c}<at>{c}b" for c in "\x1c\x1d\x1e\x1f"],
+    "a \x1f\x1c <boxes>\x1e\x1d the", "\x1f<at>\x1f", "x\x85<at>\xa0\u2028y", "a\x1f</s>\x1fb",
+    # a typed `▁` next to a token (legacy=False reads it as a space, so it is stripped there)
+    f"a{SPIECE_UNDERLINE}<at>{SPIECE_UNDERLINE}b", f"{SPIECE_UNDERLINE}<boxes>{SPIECE_UNDERLINE}{SPIECE_UNDERLINE}the",
+    f"x {SPIECE_UNDERLINE} <im_end> {SPIECE_UNDERLINE}What", f"a</s>{SPIECE_UNDERLINE}b", f"{SPIECE_UNDERLINE}",
 ]
 
 
 def test_raw_tokenizer_matches_reference(variant):
-    exact = [_raw_matches(variant, text) for text in RAW_CASES]
-    if variant.legacy:
-        assert all(exact)
-    else:
-        # the deviation is real (and only that): the issue's `<boxes> doing` is `<unk> in g ?` in 4.31
-        assert not exact[0]
-        assert sum(exact) >= len(exact) // 2
+    from nextchat.processing import NextChatLlamaTokenizer
+
+    assert isinstance(variant.raw, NextChatLlamaTokenizer) and variant.raw.legacy is variant.legacy
+    for text in RAW_CASES:
+        _assert_raw_matches(variant, text)
+    # the issue's example: `<boxes> doing` is `▁do in g ?` with legacy=True, `<unk> in g ?` with legacy=False
+    tokens = variant.raw.convert_ids_to_tokens(variant.raw(RAW_CASES[0]).input_ids)
+    assert tokens[tokens.index("<boxes>") + 1 :] == (["▁do", "in", "g", "?"] if variant.legacy else ["<unk>", "in", "g", "?"])
+    # the raw tokenizer, the processor and the reference agree on a prompt in the processor's syntax
+    text = "USER: <image> What is this object [0] doing?</s>USER: the\x1f end"
+    assert variant.raw(expand(text)).input_ids == variant.ref(expand(text)) == _process(variant.processor, text)[0]
+
+
+def test_raw_tokenizer_conventions(variant):
+    """Batches, padding, decoding, `add_special_tokens`, the saved files."""
+    raw = variant.raw
+    assert raw("a <at> b", add_special_tokens=False).input_ids == variant.ref("a <at> b")[1:]
+    batch = raw(["a man <at> <boxes> riding", "x"], padding=True)
+    n = len(variant.ref("x"))
+    assert batch.input_ids[1][-n:] == variant.ref("x") and batch.attention_mask[1][0] == 0  # pads on the left
+    assert batch.input_ids[1][0] == raw.pad_token_id == raw.unk_token_id
+    ids = raw("a man <at> <boxes> riding</s>").input_ids
+    assert raw.decode(ids, skip_special_tokens=True) == "a man <at> <boxes> riding"  # 4.31 joins added tokens with spaces
+    config = json.loads((variant.folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "NextChatLlamaTokenizer"
+    assert config["auto_map"]["AutoTokenizer"] == ["tokenization_nextchat.NextChatLlamaTokenizer", None]
+    assert config["add_bos_token"] is True and config["add_eos_token"] is False
+    source = (variant.folder / "tokenization_nextchat.py").read_text()
+    assert "from ." not in source and "import nextchat" not in source and "from nextchat" not in source
+    # the processor's chat template can mark the assistant tokens with this (Python) tokenizer
+    import PIL.Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it?"}]},
+                {"role": "assistant", "content": "Here [0] ."}]
+    out = variant.processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        images=[PIL.Image.new("RGB", (30, 30))], boxes=[[1, 1, 5, 5]],
+    )
+    ids, mask = list(out["input_ids"][0]), list(out["assistant_masks"][0])
+    assert sum(mask) > 0 and mask[-1] == 1 and ids[-1] == raw.eos_token_id
+
+
+def test_refresh_folder_refreshes_the_tokenizer_code(converted, tmp_path):
+    from nextchat.remote_code import refresh_folder
+
+    folder = tmp_path / "converted"
+    shutil.copytree(converted[False].folder, folder)
+    (folder / "tokenization_nextchat.py").write_text("# stale\n")
+    assert "tokenization_nextchat.py" in refresh_folder(str(folder))
+    source = Path(__file__).resolve().parents[1] / "processing" / "tokenization_nextchat.py"
+    assert (folder / "tokenization_nextchat.py").read_text() == source.read_text()
 
 
 PROCESSOR_CASES = [
@@ -382,6 +416,9 @@ PROCESSOR_CASES = [
     "a\x1fb <image>\x1f[0]\x1f c",  # Python's whitespace (4.31 stripped with str.strip)
     "[0,1] and [2]<image>",
 ]
+
+
+PROCESSOR_CASES_EXPANDED = [expand(text) for text in PROCESSOR_CASES]
 
 
 def test_processor_matches_reference(variant):
@@ -415,18 +452,18 @@ def test_processor_labels_cover_exactly_the_assistant_turns(variant):
 # ----------------------------------------------------------------------------------------------------------
 
 _TOKENS = CONTROL + ("</s>", "<s>", "<unk>")
-_RAW_ALPHABET = "ab cdeAS:UER?.\n\t é漢~@<>/" + "\u3000"
+_RAW_ALPHABET = "ab cdeAS:UER?.\n\t é漢~@<>/" + "\u3000\x1c\x1d\x1e\x1f\x85\xa0" + SPIECE_UNDERLINE
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_raw_tokenizer(converted, data):
     legacy = data.draw(st.booleans(), label="legacy")
-    # legacy=False also reads a typed `▁` as a space before stripping around tokens, which a fast tokenizer
-    # (matching tokens on the raw text) cannot; the processor does (see the processor fuzz)
-    alphabet = _RAW_ALPHABET + (SPIECE_UNDERLINE if legacy else "")
-    parts = data.draw(st.lists(st.one_of(st.text(alphabet=alphabet, max_size=8), st.sampled_from(_TOKENS)), max_size=8))
-    _raw_matches(converted[legacy], "".join(parts))
+    words = st.sampled_from(["doing", "the", "What", "Describe", "is"])  # pieces 4.31 cut the `▁` off
+    parts = data.draw(
+        st.lists(st.one_of(st.text(alphabet=_RAW_ALPHABET, max_size=8), st.sampled_from(_TOKENS), words), max_size=8)
+    )
+    _assert_raw_matches(converted[legacy], "".join(parts))
 
 
 _TEXT = st.text(alphabet="ab cdeAS:UER?.\n\t é漢~@[]0/\x1f" + SPIECE_UNDERLINE + "\u3000", max_size=10)
@@ -472,40 +509,55 @@ REMOTE = textwrap.dedent(
     import json, sys
     import PIL.Image
     from transformers import AutoProcessor, AutoTokenizer
+    texts = json.load(open(sys.argv[-2]))
     out = {}
-    for folder in sys.argv[1:-1]:
+    for folder in sys.argv[1:-2]:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
-        raw = AutoTokenizer.from_pretrained(folder)
+        raw = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        for obj in (processor, processor.tokenizer, raw):
+            assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
+        assert type(raw).__name__ == type(processor.tokenizer).__name__ == "NextChatLlamaTokenizer"
         text = "USER: <image> What is this object [0] doing?</s>USER: a"
         ids = processor(images=PIL.Image.new("RGB", (40, 30)), text=text, boxes=[[1, 2, 10, 20]])["input_ids"][0]
+        raw.save_pretrained(folder + "_resaved")  # a tokenizer loaded as remote code re-saves and re-loads
+        again = AutoTokenizer.from_pretrained(folder + "_resaved", trust_remote_code=True)
         out[folder] = {"legacy": processor.original_legacy, "processor": ids.tolist(),
-                       "raw": raw("<im_end> What <boxes> is").input_ids}
+                       "raw": [raw(t).input_ids for t in texts], "resaved": [again(t).input_ids for t in texts]}
+    assert not any(name.split(".")[0] == "nextchat" for name in sys.modules), "nextchat was imported"
     json.dump(out, open(sys.argv[-1], "w"))
     """
 )
 
 
 def test_remote_code_load_keeps_the_flag(converted, tmp_path):
+    """Processor and raw tokenizer loaded through the Auto classes with `trust_remote_code=True` where `nextchat`
+    cannot be imported: the reference's ids, also after the remote-code tokenizer re-saves itself."""
     from test_save_load import BLOCKER
 
     (tmp_path / "blocker.py").write_text(BLOCKER)
     (tmp_path / "remote.py").write_text(REMOTE)
+    texts = RAW_CASES + PROCESSOR_CASES_EXPANDED
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    folders = [str(converted[legacy].folder) for legacy in (True, False)]
+    folders = []
+    for legacy in (True, False):  # copies: the script writes `<folder>_resaved` next to each
+        folders.append(tmp_path / f"converted_{legacy}")
+        shutil.copytree(converted[legacy].folder, folders[-1])
     result = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "blocker.py"), str(tmp_path / "remote.py"), *folders, str(tmp_path / "o.json")],
+        [sys.executable, "-I", str(tmp_path / "blocker.py"), str(tmp_path / "remote.py"), *map(str, folders),
+         str(tmp_path / "texts.json"), str(tmp_path / "o.json")],
         cwd="/", env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     got = json.loads((tmp_path / "o.json").read_text())
-    for legacy in (True, False):
+    for legacy, folder in zip((True, False), folders):
         v = converted[legacy]
-        entry = got[str(v.folder)]
+        entry = got[str(folder)]
         assert entry["legacy"] is legacy
         assert entry["processor"] == v.ref(expand("USER: <image> What is this object [0] doing?</s>USER: a"))
-        assert entry["raw"] == v.raw("<im_end> What <boxes> is").input_ids
+        for text, raw_ids, resaved_ids in zip(texts, entry["raw"], entry["resaved"]):
+            assert raw_ids == resaved_ids == v.ref(text), (legacy, text)
 
 
 # Ids the shipped tiny model's processor gave before issue 20 (its tokenizer is a transformers 5 LlamaTokenizer,
