@@ -5,7 +5,7 @@ compact JSON report. Each section is independent: a failure is recorded (error a
 the script goes on with the next one.
 
 * build     `NextChatConfig()` built directly on the GPU in bfloat16 (no slow CPU init); parameters per part
-            against the published `AoZhang/nextchat-7b-336` (reference/real_checkpoint.md); seconds, GPU memory.
+            against the published `AoZhang/nextchat-7b-336` (counted from its weight files); seconds, GPU memory.
 * inputs    one conversation of real shape, assembled from the config's token ids (no tokenizer): bos, text,
             `<im_start>` + 576 `<im_patch>` + `<im_end>`, a user box `<at> <boxes>`, text, and an assistant answer
             with its own `<at> <boxes>` (about 650 tokens); CLIP pixels (1, 3, 336, 336), SAM pixels
@@ -46,7 +46,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Parameters of the published model's parts (reference/real_checkpoint.md). The language model counts embeddings,
+# Parameters of the published model's parts, counted from the tensor shapes of its weight files. The language model counts embeddings,
 # 32 layers, the final norm and `lm_head` (vocab 32005); SAM is segment-anything's ViT-H without its 256-number
 # Fourier-feature buffer (641,090,864 with it); the heads follow from the listed weight shapes, biases included.
 PUBLISHED_PARAMETERS = {

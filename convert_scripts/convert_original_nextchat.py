@@ -611,7 +611,7 @@ def _check_sentencepiece_model(original_dir: Path):
 
 def load_original_tokenizer(original_dir: Path):
     r"""The checkpoint's tokenizer as a `NextChatLlamaTokenizer` whose plain `tokenizer(text)` gives the ids
-    transformers 4.31's slow `LlamaTokenizer` gave (the original's pin; `reference/nextchat_original.md` §4.2),
+    transformers 4.31's slow `LlamaTokenizer` gave (the version the original code pins),
     under either `legacy` flag. Returns `(tokenizer, token_ids)`; the source's `legacy` flag is
     `tokenizer.init_kwargs["legacy"]` (saved to `tokenizer_config.json`) and, through `build_processor`, the
     processor's `original_legacy`.

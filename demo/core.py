@@ -36,7 +36,7 @@ USER_BOX_COLOR = "#7F7F7F"
 SHIPPED_MODEL_NAME = "tiny-nextchat-shapes"
 MODEL_ENV_VAR = "NEXTCHAT_DEMO_MODEL"
 
-# The example prompts of the original web demo (reference §4.5).
+# The example prompts of the original NExT-Chat web demo (its Gradio app), unchanged.
 EXAMPLE_PROMPTS = {
     "Where is X?": "Where is {} in the image?",
     "Describe with locations": (

@@ -1,4 +1,4 @@
-"""Metrics of the NExT-Chat benchmarks, as the original code defines them (reference §8), as small pure functions.
+"""Metrics of the NExT-Chat benchmarks, as the original evaluation code defines them, as small pure functions.
 
 * REC: :func:`box_iou` / :func:`rec_metrics` -- accuracy = fraction of samples whose IoU is **strictly** above 0.5
   (an IoU of exactly 0.5 is a miss), and the mean IoU. A missing prediction counts as IoU 0.

@@ -1,4 +1,4 @@
-"""The published NExT-Chat-7B numbers (arXiv 2311.04498; ``shared/reference/peers.md`` §3), by task and split, and
+"""The published NExT-Chat-7B numbers (arXiv 2311.04498, Tables 1-4), by task and split, and
 the split names read from the public annotation file names.
 
 Values are percentages (CIDEr and METEOR on their usual x100 scale), as printed in the paper's tables:

@@ -5,32 +5,30 @@
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
 #   VISION_STEPS=50 PHASE1_STEPS=20 PHASE2_STEPS=10 bash examples/train_shapes.sh   # a quick check of the whole path
 #   REGIONS=1 bash examples/train_shapes.sh   # adds `box_region_features` (not in the original), grounding
-#                                             # weight 2, region captions at weight 0.3 in the data (two runs on
-#                                             # the previous recipe: region captions 0.91/0.95, REC 0.78/0.51;
-#                                             # training/README.md; not run on the current one)
+#                                             # weight 2, region captions at weight 0.3 in the data
+#   Other variables: NPROC (processes per stage, default 2), PYTHON (the interpreter, default python).
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
-# objects (a fifth of them alone), one turn of one of the four tasks each (with several turns, a later question
-# can be answered by copying an earlier turn's box: measured worse), grounded captions listing their objects by
-# name (colour, then shape); written by two processes in parallel (~30 s).
-# Stage 0 (2000 steps, ~85 s): the vision tower alone learns to name the object under every patch (colour x shape)
-# and to regress that object's box, from the generator's masks: our stand-in for CLIP pretraining (see
-# nextchat/training/vision_pretrain.py for why).
-# Phase 1 (stage "stage2", 1300 steps of 2 x 32, ~500 s, starting from that tower): projector, LLaMA and the box
+# objects (a fifth of them alone), one turn of one of the four tasks each, grounded captions listing their objects
+# by name (colour, then shape); written by two processes in parallel.
+# Stage 0 (2000 steps): the vision tower alone learns to name the object under every patch (colour x shape)
+# and to regress that object's box, from the generator's masks: a stand-in for CLIP pretraining (see
+# nextchat/training/vision_pretrain.py).
+# Phase 1 (stage "stage2", 1300 steps of 2 x 32, starting from that tower): projector, LLaMA and the box
 # heads with CLIP frozen, as in the original's stages 1-2, reading the data in file order
 # (train_sampling_strategy "sequential"), so the warm-up comes first; plus two training-only attention terms (not in
 # the original): each of heads 0-2 of every answer trigger is asked to attend to its object's patches, which a
 # from-scratch model otherwise learns last, and head 3 of every region-caption token to the given box's patches
 # (training/configs/shapes_tiny.json), with model seed 4 for the LLaMA, the heads and SAM (stage 0 keeps the
-# config's seed 0 for the tower): of seeds 0-4 the only one whose run took REC's last step (training/README.md).
-# Phase 2 (stage "sam", 600 steps of 2 x 16, ~220 s): seg_prompt_mlp and SAM with everything else frozen — the
+# config's seed 0 for the tower).
+# Phase 2 (stage "sam", 600 steps of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
 # original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
 # prompted with the ground-truth box in training (`sam_box_prompt` "target"; generation uses the predicted one).
-# Every stage runs as 2 data-parallel CPU processes (torchrun, gloo, one thread each) for a fixed number of steps,
-# with the learning rate decaying over those steps: a run is then the same run every time (with NPROC=2), so its
-# result does not depend on how fast the machine happened to be. The step counts fit the 15 minutes on the 2-core
-# CPU it was made on (an AMD EPYC VM); a slower machine takes longer. (The earlier recipe decayed over
-# a wall-clock budget instead, `time_budget_s`, which made every run a different one.)
+# Every stage runs as NPROC data-parallel CPU processes (torchrun, gloo, one thread each) for a fixed number of
+# steps, with the learning rate decaying over those steps: on one machine a run is the same run every time (with
+# NPROC=2), whatever the machine's speed. The whole script takes about 15 minutes on a 2-core CPU.
+# The final model is $RUNS/shapes_tiny/final, its scores $RUNS/shapes_tiny/final_metrics.json. The runs that chose
+# this recipe (seeds, caption order, variants) are in docs/experiments.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-$ROOT/runs}
