@@ -12,7 +12,7 @@ into ``output_dir``:
 * ``results.json`` -- the metrics, the paper's number for the split (:mod:`nextchat.evaluation.paper`) and
   ``comparison`` rows ``{"metric", "ours", "paper", "delta"}`` in percent. No timestamps (reproducible file).
 
-Prompts follow the original (reference §4.5; the template JSONs of ``config/_base_/dataset/template``): REC / RES
+Prompts follow the original (the template JSONs of its repository's ``config/_base_/dataset/template``): REC / RES
 ``<image> Where is <expr> in the image?``, region captioning ``<image> Can you describe <objs>?`` (``<objs>`` ->
 ``[0]`` -> ``<at> <boxes>`` fed the box), POPE ``<image> <question>``, rendered with vicuna v1.1 and ending in
 ``ASSISTANT:``. ``template`` may be another string or a JSON file with a list of templates (as the original's);
@@ -269,11 +269,9 @@ def _gt_box_normalized(box, size) -> list[float]:
 
 
 def _pixel_box(raw, size) -> list[float]:
-    from nextchat.processing import boxes_from_square_frame
+    from nextchat.processing import boxes_from_prediction
 
-    raw = np.asarray(raw, dtype=np.float64)
-    ordered = np.array([min(raw[0], raw[2]), min(raw[1], raw[3]), max(raw[0], raw[2]), max(raw[1], raw[3])])
-    return boxes_from_square_frame(ordered, tuple(size), clip=True)[0].tolist()
+    return boxes_from_prediction(raw, tuple(size))[0].tolist()
 
 
 class _Runner:

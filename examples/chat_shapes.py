@@ -9,7 +9,6 @@ with a seed of the evaluation range (never used for training).
 import argparse
 import os
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -54,14 +53,8 @@ def main(argv=None):
             print(f"    {entity['text']!r}: box {[round(v, 1) for v in entity['box']]}, "
                   f"mask {int(entity['mask'].sum()) if entity.get('mask') is not None else '-'} px, "
                   f"score {entity['score'] if entity['score'] is None else round(entity['score'], 3)}")
-        # draw at 4x: scale the image, the boxes and the masks
-        scaled = [
-            {**e, "box": [4 * v for v in e["box"]],
-             "mask": None if e.get("mask") is None else np.kron(e["mask"], np.ones((4, 4), dtype=bool))}
-            for e in result["entities"]
-        ]
-        big = image.resize((4 * image.width, 4 * image.height), Image.NEAREST)
-        panels.append(processor.draw(big, scaled, labels="text", font_size=11))
+        # draw at 4x (the image, the boxes and the masks enlarged with nearest-neighbour pixels)
+        panels.append(processor.draw(image, result["entities"], labels="text", font_size=11, scale=4))
     canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
     x = 0
     for panel in panels:

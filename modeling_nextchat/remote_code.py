@@ -19,7 +19,11 @@ REMOTE_CODE_MODULES = {
     "generation_nextchat.py": "nextchat.generation_nextchat",
     "loss_nextchat.py": "nextchat.loss_nextchat",
     "sam_nextchat.py": "nextchat.sam_nextchat",
+    "geometry_nextchat.py": "nextchat.processing.geometry_nextchat",
     "image_processing_nextchat.py": "nextchat.processing.image_processing_nextchat",
+    "text_nextchat.py": "nextchat.processing.text_nextchat",
+    "postprocessing_nextchat.py": "nextchat.processing.postprocessing_nextchat",
+    "drawing_nextchat.py": "nextchat.processing.drawing_nextchat",
     "processing_nextchat.py": "nextchat.processing.processing_nextchat",
 }
 

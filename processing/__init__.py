@@ -1,28 +1,24 @@
-"""NExT-Chat processing: the image processor, the processor and the geometry they share."""
+"""NExT-Chat processing: the processor over its text, geometry, image, post-processing and drawing modules."""
 
-from .image_processing_nextchat import (
-    NextChatImageProcessor,
-    NextChatImagesKwargs,
+from .drawing_nextchat import DRAW_COLORS, draw_grounding
+from .geometry_nextchat import (
+    boxes_from_prediction,
     boxes_from_square_frame,
     boxes_to_sam_frame,
     boxes_to_square_frame,
     expand2square,
     masks_from_sam_frame,
     masks_to_sam_frame,
+    order_corners,
     rle_decode,
     rle_encode,
     sam_padding,
     sam_resized_size,
     square_padding,
-    to_rgb_image,
 )
-from .processing_nextchat import (
-    VICUNA_V1_1_CHAT_TEMPLATE,
-    NextChatProcessor,
-    NextChatProcessorKwargs,
-    draw_grounding,
-    escape_text,
-)
+from .image_processing_nextchat import NextChatImageProcessor, NextChatImagesKwargs, to_rgb_image
+from .processing_nextchat import NextChatProcessor, NextChatProcessorKwargs
+from .text_nextchat import VICUNA_V1_1_CHAT_TEMPLATE, VICUNA_V1_1_SYSTEM, escape_text, vicuna_chat_template
 from .tiny import build_tiny_processor, build_tiny_tokenizer
 from .tokenization_nextchat import NextChatLlamaTokenizer
 
@@ -33,7 +29,10 @@ __all__ = [
     "NextChatLlamaTokenizer",
     "NextChatProcessor",
     "NextChatProcessorKwargs",
+    "DRAW_COLORS",
     "VICUNA_V1_1_CHAT_TEMPLATE",
+    "VICUNA_V1_1_SYSTEM",
+    "boxes_from_prediction",
     "boxes_from_square_frame",
     "boxes_to_sam_frame",
     "boxes_to_square_frame",
@@ -44,10 +43,12 @@ __all__ = [
     "expand2square",
     "masks_from_sam_frame",
     "masks_to_sam_frame",
+    "order_corners",
     "rle_decode",
     "rle_encode",
     "sam_padding",
     "sam_resized_size",
     "square_padding",
     "to_rgb_image",
+    "vicuna_chat_template",
 ]

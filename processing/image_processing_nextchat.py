@@ -1,17 +1,7 @@
-"""Image processor of NExT-Chat: the CLIP input, the SAM input and the geometry shared by both.
+"""Image processor of NExT-Chat: image inputs to RGB, the CLIP input and the SAM input.
 
 Everything here is plain PIL + numpy so that the pixel values never depend on which optional backend
-(torchvision or not) happens to be installed.
-
-Coordinate frames (all boxes are xyxy):
-
-* **original pixels**: the image as the user gave it, size ``(h, w)``.
-* **square frame** (what the model reads and writes): the image padded to a centred square of side
-  ``L = max(h, w)`` (``expand2square``; the pad before the image is ``(L - short) // 2``), divided by ``L``.
-  ``x_norm = (x + pad_left) / L``, ``y_norm = (y + pad_top) / L``.
-* **SAM frame**: the image resized so that its longest side is ``S`` (``(int(h*S/L + 0.5), int(w*S/L + 0.5))``),
-  then padded to ``S x S`` with the pad before the image being ``(S - new) // 2``. A square-frame box times ``S``
-  lands on the same SAM pixels up to the rounding of these sizes (at most one SAM pixel plus one scale step).
+(torchvision or not) happens to be installed. The frames and their conversions live in ``geometry_nextchat``.
 """
 
 import os
@@ -25,198 +15,13 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
+from .geometry_nextchat import expand2square, sam_padding
+
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Geometry shared by the CLIP branch, the SAM branch, the processor and the post-processing
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_image_size(image_size, argument_name="image_sizes"):
-    try:
-        height, width = (int(v) for v in image_size)
-    except Exception as err:
-        raise ValueError(f"`{argument_name}` must hold (height, width) pairs, got {image_size!r}") from err
-    if height <= 0 or width <= 0:
-        raise ValueError(f"`{argument_name}` must hold positive (height, width), got {(height, width)}")
-    return height, width
-
-
-def square_padding(image_size) -> tuple[int, int, int]:
-    """``(side, pad_top, pad_left)`` of expand2square for an image of ``(height, width)``: centred, the pad
-    before the image is ``(long - short) // 2`` as in the original ``Expand2square``."""
-    height, width = _check_image_size(image_size, "image_size")
-    side = max(height, width)
-    return side, (side - height) // 2, (side - width) // 2
-
-
-def boxes_to_square_frame(boxes, image_size) -> np.ndarray:
-    """Pixel xyxy boxes on the original image -> normalised xyxy in the padded-square frame (float64, (n, 4))."""
-    side, pad_top, pad_left = square_padding(image_size)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    offset = np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
-    return (boxes + offset) / side
-
-
-def boxes_from_square_frame(boxes, image_size, clip: bool = True) -> np.ndarray:
-    """Normalised square-frame xyxy boxes -> pixel xyxy on the original image (float64, (n, 4)).
-
-    The inverse of :func:`boxes_to_square_frame` (the original's ``de_transform_box``). With ``clip`` the result
-    is clipped to ``[0, w] x [0, h]``."""
-    height, width = _check_image_size(image_size, "image_size")
-    side, pad_top, pad_left = square_padding((height, width))
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    offset = np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
-    out = boxes * side - offset
-    if clip:
-        out[:, 0::2] = np.clip(out[:, 0::2], 0, width)
-        out[:, 1::2] = np.clip(out[:, 1::2], 0, height)
-    return out
-
-
-def sam_resized_size(image_size, sam_image_size: int) -> tuple[int, int]:
-    """Size ``(h', w')`` of the image after SAM's ``ResizeLongestSide`` (``int(x * S / long + 0.5)``, at least 1)."""
-    height, width = _check_image_size(image_size, "image_size")
-    scale = sam_image_size * 1.0 / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
-def sam_padding(image_size, sam_image_size: int) -> tuple[int, int, int, int]:
-    """``(pad_top, pad_left, h', w')``: where the resized image sits inside the centred ``S x S`` SAM input."""
-    new_h, new_w = sam_resized_size(image_size, sam_image_size)
-    return (sam_image_size - new_h) // 2, (sam_image_size - new_w) // 2, new_h, new_w
-
-
-def boxes_to_sam_frame(boxes, image_size, sam_image_size: int) -> np.ndarray:
-    """Pixel xyxy boxes on the original image -> pixel xyxy in the padded SAM input (exact SAM arithmetic)."""
-    height, width = _check_image_size(image_size, "image_size")
-    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scale = np.array([new_w / width, new_h / height, new_w / width, new_h / height])
-    return boxes * scale + np.array([pad_left, pad_top, pad_left, pad_top], dtype=np.float64)
-
-
-def masks_to_sam_frame(masks, sam_image_size: int) -> np.ndarray:
-    """Binary masks at original resolution ``(n, h, w)`` (or ``(h, w)``) -> float32 ``(n, S, S)`` in {0, 1}.
-
-    As the original ``ResizeAndPad``: each 0/1 uint8 mask is resized with PIL bilinear to the SAM size, then
-    padded with zeros, centred, like ``sam_pixel_values``."""
-    masks = np.asarray(masks)
-    if masks.ndim == 2:
-        masks = masks[None]
-    if masks.ndim != 3 or masks.shape[1] == 0 or masks.shape[2] == 0:
-        raise ValueError(f"`masks` must be (n, height, width) arrays, got shape {masks.shape}")
-    n, height, width = masks.shape
-    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
-    out = np.zeros((n, sam_image_size, sam_image_size), dtype=np.float32)
-    for i in range(n):
-        binary = (masks[i] > 0).astype(np.uint8)
-        resized = np.asarray(PIL.Image.fromarray(binary).resize((new_w, new_h), PIL.Image.BILINEAR))
-        out[i, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = resized
-    return out
-
-
-def masks_from_sam_frame(mask_logits, image_size, sam_image_size: int, threshold: float | None = 0.0):
-    """Mask logits covering the whole padded SAM input (``(n, h, w)``, any resolution, e.g. SAM's 256 x 256
-    low-resolution output) -> masks at the original resolution ``(n, H, W)``.
-
-    The exact inverse of the SAM input transform (SAM's own ``postprocess_masks`` with centred padding):
-    bilinear upsampling to ``S x S``, crop of the padding, bilinear resize to the original size. Returns a bool
-    array (``logits > threshold``) or, with ``threshold=None``, the float32 logits."""
-    height, width = _check_image_size(image_size, "image_size")
-    logits = torch.as_tensor(np.asarray(mask_logits) if not torch.is_tensor(mask_logits) else mask_logits)
-    logits = logits.detach().to("cpu", torch.float32)
-    if logits.ndim == 2:
-        logits = logits[None]
-    if logits.ndim != 3:
-        raise ValueError(f"mask logits must be (n, h, w), got shape {tuple(logits.shape)}")
-    if logits.shape[0] == 0:
-        out = np.zeros((0, height, width), dtype=bool if threshold is not None else np.float32)
-        return out
-    pad_top, pad_left, new_h, new_w = sam_padding((height, width), sam_image_size)
-    x = logits[:, None]
-    if tuple(x.shape[-2:]) != (sam_image_size, sam_image_size):
-        x = torch.nn.functional.interpolate(x, (sam_image_size, sam_image_size), mode="bilinear", align_corners=False)
-    x = x[..., pad_top : pad_top + new_h, pad_left : pad_left + new_w]
-    x = torch.nn.functional.interpolate(x, (height, width), mode="bilinear", align_corners=False)[:, 0]
-    if threshold is None:
-        return x.numpy()
-    return (x > threshold).numpy()
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """Decode a COCO run-length encoding (``{"size": [h, w], "counts": str | bytes | list[int]}``, column-major,
-    compressed or not) into a ``(h, w)`` uint8 mask. Pure numpy, no pycocotools."""
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"a COCO RLE mask must be a dict with 'size' and 'counts', got {type(rle).__name__}")
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        data = counts.encode("ascii") if isinstance(counts, str) else counts
-        runs: list[int] = []
-        p = 0
-        while p < len(data):
-            x = 0
-            k = 0
-            more = True
-            while more:
-                if p >= len(data):
-                    raise ValueError("truncated COCO RLE string in `masks`")
-                c = data[p] - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                p += 1
-                k += 1
-                if not more and (c & 0x10):
-                    x |= -1 << (5 * k)
-            if len(runs) > 2:
-                x += runs[-2]
-            runs.append(x)
-    else:
-        runs = [int(v) for v in counts]
-    if any(r < 0 for r in runs) or sum(runs) != height * width:
-        raise ValueError(
-            f"COCO RLE in `masks` is inconsistent: runs sum to {sum(runs)} for size {height}x{width}"
-        )
-    values = np.zeros(len(runs), dtype=np.uint8)
-    values[1::2] = 1
-    flat = np.repeat(values, runs)
-    return flat.reshape(width, height).T.copy()
-
-
-def rle_encode(mask) -> dict:
-    """Encode a binary ``(h, w)`` mask as compressed COCO RLE (the inverse of :func:`rle_decode`)."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"rle_encode expects a 2-D mask, got shape {mask.shape}")
-    height, width = mask.shape
-    flat = mask.T.reshape(-1) > 0
-    if flat.size == 0:
-        runs = []
-    else:
-        bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
-        runs = np.diff(bounds).tolist()
-        if flat[0]:
-            runs = [0] + runs
-    out = bytearray()
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(c + 48)
-    return {"size": [height, width], "counts": out.decode("ascii")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,17 +174,6 @@ def to_rgb_image(image, input_data_format: str | None = None, argument_name: str
         if first and last:
             channels_first = default_first
     return _array_to_pil(arr, channels_first, argument_name)
-
-
-def expand2square(image: PIL.Image.Image, background_color=(255, 255, 255)) -> PIL.Image.Image:
-    """Pad an RGB PIL image to a centred square (the original ``Expand2square``, white by default)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    result = PIL.Image.new(image.mode, (side, side), tuple(background_color))
-    result.paste(image, ((side - width) // 2, (side - height) // 2))
-    return result
 
 
 def flatten_images(images, argument_name: str = "images") -> list:
@@ -700,16 +494,6 @@ class NextChatImageProcessor(BaseImageProcessor):
 __all__ = [
     "NextChatImageProcessor",
     "NextChatImagesKwargs",
-    "boxes_from_square_frame",
-    "boxes_to_sam_frame",
-    "boxes_to_square_frame",
-    "expand2square",
-    "masks_from_sam_frame",
-    "masks_to_sam_frame",
-    "rle_decode",
-    "rle_encode",
-    "sam_padding",
-    "sam_resized_size",
-    "square_padding",
+    "flatten_images",
     "to_rgb_image",
 ]

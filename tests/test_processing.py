@@ -22,6 +22,7 @@ from nextchat.processing import (
     rle_encode,
 )
 from nextchat.processing.processing_nextchat import VICUNA_V1_1_SYSTEM
+from nextchat.remote_code import REMOTE_CODE_MODULES
 
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tiny"
@@ -703,7 +704,11 @@ def test_fuzz_whole_call(proc, batch, labels, side, truncate):
 # ---------------------------------------------------------------------------------------------- Hub code rule
 
 
-HUB_FILES = ["processing_nextchat.py", "image_processing_nextchat.py"]
+# every processing module the Hub export ships (flat, importing one another as siblings)
+HUB_FILES = sorted(
+    name for name, module in REMOTE_CODE_MODULES.items() if module.startswith("nextchat.processing.")
+)
+HUB_SIBLINGS = {name[:-3] for name in HUB_FILES}
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "numpy", "PIL", "safetensors"}
 
 
@@ -722,17 +727,17 @@ def test_hub_files_follow_the_import_rule():
                     assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (name, alias.name)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    assert node.level == 1 and node.module in ("image_processing_nextchat",), (name, node.module)
+                    assert node.level == 1 and node.module in HUB_SIBLINGS, (name, node.module)
                 else:
                     top = node.module.split(".")[0]
                     assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (name, node.module)
         # transformers' line regex must only see real sibling imports (none hidden in docstrings)
         found = set(re.findall(r"^\s*from\s+\.(\S+)\s+import", source, flags=re.MULTILINE))
-        assert found <= {"image_processing_nextchat"}, found
+        assert found <= HUB_SIBLINGS, found
 
 
 def test_hub_files_work_flat_without_the_package(tmp_path):
-    """Copied flat into a folder, the two files import as siblings in a process that cannot import nextchat."""
+    """Copied flat into a folder, the processing files import as siblings in a process that cannot import nextchat."""
     import shutil
     import subprocess
     import sys

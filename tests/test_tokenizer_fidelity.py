@@ -244,7 +244,8 @@ def _process(processor, text, return_labels=False, append_trigger=False):
     import PIL.Image
 
     n_images = text.count("<image>")
-    n_boxes = len(re.findall(r"\d+", " ".join(re.findall(r"\[[\d,]+\]", text))))
+    # live references only: an escaped `\[0]` (escape_text of a text that holds "[0]") is plain text
+    n_boxes = len(re.findall(r"\d+", " ".join(re.findall(r"(?<!\\)\[[\d,]+\]", text))))
     out = processor(
         images=PIL.Image.new("RGB", (40, 30), (10, 200, 30)) if n_images else None,
         text=text,
