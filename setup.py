@@ -68,6 +68,8 @@ setup(
             "nextchat-quickstart=nextchat.quickstart:main",
             "nextchat-convert=nextchat.convert_scripts.convert_original_nextchat:main",
             "nextchat-train=nextchat.training.train:main",
+            "nextchat-finetune=nextchat.training.finetune:main",
+            "nextchat-merge=nextchat.training.merge:main",
             "nextchat-eval=nextchat.evaluation.cli:main",
             "nextchat-chat=nextchat.demo.chat_cli:main",
             "nextchat-demo=nextchat.demo.web:main",

@@ -9,15 +9,18 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration import NextChatConfig
 from .modeling_nextchat import (
     NextChatCausalLMOutputWithPast,
     NextChatForConditionalGeneration,
+    NextChatLossWeights,
     NextChatModel,
     NextChatPreTrainedModel,
 )
 from .generation_nextchat import NextChatGenerateOutput
+from .pipeline_nextchat import TASK as GROUNDING_TASK, NextChatGroundingPipeline
 from .processing import NextChatImageProcessor, NextChatLlamaTokenizer, NextChatProcessor, build_tiny_processor
 
 
@@ -33,6 +36,11 @@ AutoImageProcessor.register(
 AutoProcessor.register(NextChatConfig, NextChatProcessor, exist_ok=True)
 # The tokenizer `nextchat-convert` writes (tokenizer_config.json names it); other folders name their own class.
 AutoTokenizer.register(NextChatConfig, tokenizer_class=NextChatLlamaTokenizer, exist_ok=True)
+# The grounding pipeline, as transformers registers custom pipelines; folders name it in `custom_pipelines` too.
+if GROUNDING_TASK not in PIPELINE_REGISTRY.supported_tasks:
+    PIPELINE_REGISTRY.register_pipeline(
+        GROUNDING_TASK, pipeline_class=NextChatGroundingPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
+    )
 
 
 __all__ = [
@@ -40,8 +48,10 @@ __all__ = [
     "NextChatPreTrainedModel",
     "NextChatModel",
     "NextChatForConditionalGeneration",
+    "NextChatLossWeights",
     "NextChatCausalLMOutputWithPast",
     "NextChatGenerateOutput",
+    "NextChatGroundingPipeline",
     "NextChatImageProcessor",
     "NextChatProcessor",
     "build_tiny_processor",

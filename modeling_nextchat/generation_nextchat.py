@@ -172,7 +172,8 @@ class NextChatGenerationMixin:
 
         Takes the inputs of `forward` (`sam_pixel_values` is used after decoding, once per image). With
         `return_dict_in_generate=True` returns a `NextChatGenerateOutput` carrying `pred_boxes` (and `pred_masks`,
-        `iou_scores` with SAM inputs) per returned sequence; otherwise the sequences tensor, as usual.
+        `iou_scores` with SAM inputs) per returned sequence; otherwise the sequences tensor, as usual. A right-padded
+        batch is left-aligned first (the prompts in the returned `sequences` are then padded on the left).
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
@@ -203,6 +204,7 @@ class NextChatGenerationMixin:
         recorder = TriggerRecorder() if (return_dict and num_beams == 1) else None
         if pixel_values is not None:
             _check_one_image_per_row(input_ids, config, kwargs, num_beams)
+        input_ids, attention_mask = _left_align(input_ids, attention_mask, kwargs)
 
         self._trigger_recorder = recorder
         try:
@@ -348,6 +350,28 @@ def _gather_recorded(recorder, trigger_columns, sequences, hidden_size):
             boxes.append(sequences.new_zeros((0, 4), dtype=torch.float32))
             hidden.append(sequences.new_zeros((0, hidden_size), dtype=torch.float32))
     return boxes, hidden
+
+
+def _left_align(input_ids, attention_mask, kwargs):
+    """Decoder-only generation continues each row after its last column, so a right-padded batch (e.g. from a
+    tokenizer whose `padding_side` is "right", as transformers' pipelines < 5.25 collate it) is moved to the left
+    first: each row is rolled by its number of trailing padding columns, with its (B, T) companions in `kwargs`.
+    Box and image inputs are indexed by slot, not by column, and stay as they are."""
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape != input_ids.shape:
+        return input_ids, attention_mask
+    present = attention_mask != 0
+    if bool(present[:, -1].all()) or not bool(present.any(dim=1).all()):
+        return input_ids, attention_mask
+    shifts = present.flip(1).int().argmax(dim=1).tolist()  # trailing padding columns of each row
+
+    def roll(tensor):
+        return torch.stack([torch.roll(row, shift, dims=0) for row, shift in zip(tensor, shifts)])
+
+    for name in ("position_ids", "token_type_ids", "mm_token_type_ids"):
+        value = kwargs.get(name)
+        if torch.is_tensor(value) and value.shape == input_ids.shape:
+            kwargs[name] = roll(value)
+    return roll(input_ids), roll(attention_mask)
 
 
 def _extend_mask(attention_mask, sequences, prompt_length, rows):

@@ -13,7 +13,10 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers import initialization as init
+from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration.configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
@@ -26,16 +29,6 @@ REGION_GRID = 7  # with `box_region_features`: a box's feature averages REGION_G
 
 # Keyword arguments that travel from `forward` to the language model (transformers' own per-call options).
 LANGUAGE_MODEL_KWARGS = frozenset(TransformersKwargs.__annotations__)
-
-
-def _take_cache(cache, past_key_values):
-    """`past_key_values` is the name transformers used for the cache before 5.24 and still accepts: one cache, either
-    name."""
-    if past_key_values is not None:
-        if cache is not None:
-            raise ValueError("pass the key/value cache once: `cache` or `past_key_values`, not both")
-        return past_key_values
-    return cache
 
 
 def _check_kwargs(kwargs: dict, allowed: frozenset, method: str):
@@ -81,12 +74,64 @@ def region_features(image_features: torch.Tensor, boxes: torch.Tensor, grid: int
     return sampled.mean(dim=(2, 3)).to(image_features.dtype)
 
 
+LOSS_WEIGHT_NAMES = (
+    "lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight", "cycle_box_loss_weight",
+    "grounding_attention_loss_weight", "region_attention_loss_weight", "mask_ce_loss_weight", "mask_dice_loss_weight",
+    "mask_iou_loss_weight",
+)
+
+
+@dataclass
+class NextChatLossWeights:
+    """The weights of the loss terms: training arguments, not model configuration.
+
+    Set them on a model as ``model.loss_weights = NextChatLossWeights(...)`` (the stage presets of
+    `nextchat.training` always do): a model attribute, never written to ``config.json``, so a checkpoint never hands
+    the weights of its last training phase to the next one. The defaults are the original NExT-Chat's: LM 1,
+    box L1 2, GIoU 0.2, both cycle losses 1, mask focal/BCE 20, dice 1, IoU head 1 (the attention terms, not in the
+    original, 0). While ``model.loss_weights`` is None, ``forward`` falls back to the ``*_loss_weight`` fields of the
+    config (what older versions did; old ``config.json`` files that carry them load unchanged).
+    """
+
+    lm_loss_weight: float = 1.0
+    box_l1_loss_weight: float = 2.0
+    box_giou_loss_weight: float = 0.2
+    cycle_embed_loss_weight: float = 1.0
+    cycle_box_loss_weight: float = 1.0
+    grounding_attention_loss_weight: float = 0.0
+    region_attention_loss_weight: float = 0.0
+    mask_ce_loss_weight: float = 20.0
+    mask_dice_loss_weight: float = 1.0
+    mask_iou_loss_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> "NextChatLossWeights":
+        """The weights a config carries (the legacy place), defaults where it has none."""
+        return cls(**{name: getattr(config, name) for name in LOSS_WEIGHT_NAMES if hasattr(config, name)})
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in LOSS_WEIGHT_NAMES}
+
+
 def _build_projector(depth: int, in_features: int, out_features: int) -> nn.Sequential:
     """The original `mm_projector`: Linear, then (depth−1) × [GELU, Linear]; indices 0, 2, 4… hold the weights."""
     layers = [nn.Linear(in_features, out_features)]
     for _ in range(depth - 1):
         layers += [nn.GELU(), nn.Linear(out_features, out_features)]
     return nn.Sequential(*layers)
+
+
+@dataclass
+class NextChatModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    `BaseModelOutputWithPast` of the language model, plus:
+
+    Args:
+        image_outputs (`BaseModelOutputWithPooling`, *optional*): `get_image_features` of the images, when
+            `pixel_values` were given (`pooler_output`: one `(image_seq_length, hidden_size)` tensor per image).
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -97,6 +142,8 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
         cache (`Cache`): the key/value cache (also readable as `past_key_values`, transformers' older name).
         hidden_states, attentions: as returned by the language model when asked for.
+        image_outputs (`BaseModelOutputWithPooling`): `get_image_features` of the images, when `pixel_values` were
+            given (as LLaVA returns them).
         trigger_positions (`torch.LongTensor` of shape `(K, 2)`): `(row, column)` of every `<at>` in `input_ids`
             as given (padding included), row-major.
         pred_boxes (`torch.FloatTensor` of shape `(K, 4)`): `loc_decoder` of the hidden state at each trigger,
@@ -114,6 +161,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     trigger_positions: torch.LongTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
@@ -155,8 +203,12 @@ class NextChatPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the flat remote code so that the folder loads with
-        `trust_remote_code=True` where `nextchat` is not installed."""
+        `trust_remote_code=True` where `nextchat` is not installed, and the grounding pipeline in `custom_pipelines`
+        (`pipeline("grounded-image-text-to-text", model=folder, trust_remote_code=True)`)."""
+        from .pipeline_nextchat import CUSTOM_PIPELINES  # also makes transformers ship the pipeline's file
+
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
         super().save_pretrained(save_directory, *args, **kwargs)
         if __name__.startswith("nextchat."):
             # From the installed package: export the code flat. Code loaded from the Hub is already flat, and
@@ -166,14 +218,21 @@ class NextChatPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         # SAM parameters that are not Linear/Conv/Embedding/LayerNorm weights: start as segment-anything does.
+        # (transformers.initialization, so that parameters loaded from a checkpoint are never drawn again)
         if hasattr(module, "pos_embed") and isinstance(module.pos_embed, nn.Parameter):
-            nn.init.zeros_(module.pos_embed)
+            init.zeros_(module.pos_embed)
         if hasattr(module, "rel_pos_h"):
-            nn.init.zeros_(module.rel_pos_h)
-            nn.init.zeros_(module.rel_pos_w)
+            init.zeros_(module.rel_pos_h)
+            init.zeros_(module.rel_pos_w)
         if hasattr(module, "positional_encoding_gaussian_matrix"):
-            with torch.no_grad():
-                module.positional_encoding_gaussian_matrix.normal_()
+            init.normal_(module.positional_encoding_gaussian_matrix)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: `_init_weights` initialises through `transformers.initialization`, as transformers' own models do,
+        so transformers may initialise every missing weight the way its own model classes would (for remote or
+        installed code, transformers would otherwise skip the CLIP attention and MLP blocks)."""
+        return False
 
 
 class NextChatModel(NextChatPreTrainedModel):
@@ -194,12 +253,13 @@ class NextChatModel(NextChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """The vision tower's output with `pooler_output` replaced by the projected features, as in LLaVA.
 
@@ -218,18 +278,20 @@ class NextChatModel(NextChatPreTrainedModel):
         strategy = vision_feature_select_strategy or "default"
         if strategy not in ("default", "full"):
             raise ValueError(f"`vision_feature_select_strategy` must be 'default' or 'full', got {strategy!r}")
-        kwargs["output_hidden_states"] = True
-        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
         layers = [layer] if isinstance(layer, int) else list(layer)
+        if not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = layers  # capture only the layers used, unless all were asked for
+        kwargs.pop("return_dict", None)
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
         selected = [outputs.hidden_states[i] for i in layers]
         if strategy == "default":
             selected = [hidden[:, 1:] for hidden in selected]
         outputs.pooler_output = list(self.mm_projector(torch.cat(selected, dim=-1)))
         return outputs
 
-    def _merge_image_features(self, input_ids, inputs_embeds, pixel_values):
-        """Puts the projected patch features at the `<im_patch>` slots; also returns them, `(num_images, N, hidden)`
-        (`None` without `pixel_values`)."""
+    def _merge_image_features(self, input_ids, inputs_embeds, pixel_values, output_attentions=None):
+        """Puts the projected patch features at the `<im_patch>` slots; also returns them, `(num_images, N, hidden)`,
+        and `get_image_features`' output (both `None` without `pixel_values`)."""
         image_mask = input_ids == self.config.image_token_id
         per_image = self.config.image_seq_length
         if pixel_values is None:
@@ -239,7 +301,7 @@ class NextChatModel(NextChatPreTrainedModel):
                     f"`input_ids` hold {num_tokens} image placeholders (`<im_patch>`, id {self.config.image_token_id}) "
                     "but no `pixel_values` were given"
                 )
-            return inputs_embeds, None
+            return inputs_embeds, None, None
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
         num_tokens = int(image_mask.sum())
@@ -251,9 +313,11 @@ class NextChatModel(NextChatPreTrainedModel):
                 f"hold {per_row.tolist()} image placeholders; every image block needs exactly {per_image} `<im_patch>` "
                 "tokens and one image"
             )
-        features = torch.stack(self.get_image_features(pixel_values).pooler_output).to(inputs_embeds.dtype)
+        kwargs = {} if output_attentions is None else {"output_attentions": output_attentions}
+        image_outputs = self.get_image_features(pixel_values, return_dict=True, **kwargs)
+        features = torch.stack(image_outputs.pooler_output).to(inputs_embeds.dtype)
         flat = features.reshape(-1, features.shape[-1])
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), features
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), features, image_outputs
 
     def _image_block_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """`(B, T)` index (row-major over the batch) of the last image block that ends at or before each position;
@@ -287,6 +351,7 @@ class NextChatModel(NextChatPreTrainedModel):
         return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds.to(inputs_embeds.dtype))
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -298,9 +363,8 @@ class NextChatModel(NextChatPreTrainedModel):
         box_inputs_mask: torch.BoolTensor | None = None,
         region_box_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> NextChatModelOutputWithPast:
         """Embeds `input_ids` (image features at `<im_patch>`, `loc_encoder(box)` at `<boxes>`) and runs the LM.
 
         `input_ids` are required: the positions of the NExT-Chat tokens are read from them. With
@@ -310,9 +374,10 @@ class NextChatModel(NextChatPreTrainedModel):
         if input_ids is None:
             raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
         _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS, "NextChatModel.forward")
-        cache = _take_cache(cache, past_key_values)
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds, image_features = self._merge_image_features(input_ids, inputs_embeds, pixel_values)
+        inputs_embeds, image_features, image_outputs = self._merge_image_features(
+            input_ids, inputs_embeds, pixel_values, kwargs.get("output_attentions")
+        )
 
         box_token_mask = input_ids == self.config.box_token_id
         state = TriggerState.from_cache(cache)
@@ -349,7 +414,7 @@ class NextChatModel(NextChatPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        return outputs
+        return NextChatModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
 def _select_boxes(box_inputs, box_inputs_mask, boxes_per_row):
@@ -410,7 +475,14 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         else:
             self.seg_prompt_mlp = None
             self.sam = None
+        # training arguments, not configuration (`NextChatLossWeights`); None: the config's legacy fields
+        self.loss_weights = None
         self.post_init()
+
+    def effective_loss_weights(self) -> NextChatLossWeights:
+        """The loss weights `forward` uses: `self.loss_weights`, or the config's legacy fields when it is None."""
+        weights = getattr(self, "loss_weights", None)
+        return weights if weights is not None else NextChatLossWeights.from_config(self.config)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -489,6 +561,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         return pred_masks, iou_scores
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -506,10 +579,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
         shift_labels: torch.LongTensor | None = None,
         predict_generated_boxes: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> NextChatCausalLMOutputWithPast:
         r"""
         Args:
@@ -530,7 +602,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): original `(height, width)` from the
                 processor; not needed by the model (accepted so that `model(**processor(...))` works).
             cache (`Cache`, *optional*): the key/value cache of earlier calls; `past_key_values` is accepted as
-                the same argument under transformers' older name (one of the two, not both).
+                the same argument under transformers' older, deprecated name (one of the two, not both).
             shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): LM targets
                 already shifted (`shift_labels[:, t]` is the target of the logits at `t`), as transformers' causal-LM
                 loss takes them (e.g. under context parallelism); used for the LM term instead of shifting `labels`,
@@ -555,7 +627,6 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 "box slots are found by token id); pass `input_ids`"
             )
         _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS | {"region_box_mask"}, "NextChatForConditionalGeneration.forward")
-        cache = _take_cache(cache, past_key_values)
         if shift_labels is not None and labels is None:
             raise ValueError("`shift_labels` need `labels` too (they select the answer triggers of the box losses)")
         if shift_labels is not None and shift_labels.shape != input_ids.shape:
@@ -570,9 +641,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             use_cache = False  # training needs no key/value cache
         if box_inputs is not None and box_inputs_mask is None:
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
-        if labels is not None and (
-            self.config.grounding_attention_loss_weight or self.config.region_attention_loss_weight
-        ):
+        weights = self.effective_loss_weights()
+        if labels is not None and (weights.grounding_attention_loss_weight or weights.region_attention_loss_weight):
             kwargs["output_attentions"] = True
         if labels is not None and self.config.box_region_features:
             answer_boxes = _answer_box_positions(input_ids, labels, self.config.trigger_token_id)
@@ -636,6 +706,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             cache=new_cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
             trigger_positions=trigger_positions,
             pred_boxes=pred_boxes,
             pred_masks=pred_masks,
@@ -736,11 +807,12 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         sam_pixel_values, num_items_in_batch, logits_to_keep, shift_labels=None,
     ):
         config = self.config
+        weights = self.effective_loss_weights()
         if logits_to_keep not in (0, None):
             raise ValueError("`labels` need logits for every position; do not pass `logits_to_keep` with them")
         local = self.count_loss_items(
             input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id,
-            region_turns=bool(config.region_attention_loss_weight),  # not on the forward path when the term is off
+            region_turns=bool(weights.region_attention_loss_weight),  # not on the forward path when the term is off
             shift_labels=shift_labels,
         )
         normalisers = _normalisers(local, num_items_in_batch)
@@ -755,7 +827,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             reduction="sum",
         )
         output.lm_loss = ce / normalisers["tokens"]
-        total = config.lm_loss_weight * output.lm_loss
+        total = weights.lm_loss_weight * output.lm_loss
 
         is_trigger = output.trigger_positions
         assistant, slots = answers
@@ -771,9 +843,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             output.cycle_embed_loss = cycle / (hidden.shape[-1] * normalisers["boxes"])
             total = (
                 total
-                + config.box_l1_loss_weight * output.box_l1_loss
-                + config.box_giou_loss_weight * output.box_giou_loss
-                + config.cycle_embed_loss_weight * output.cycle_embed_loss
+                + weights.box_l1_loss_weight * output.box_l1_loss
+                + weights.box_giou_loss_weight * output.box_giou_loss
+                + weights.cycle_embed_loss_weight * output.cycle_embed_loss
             )
             if mask_targets is not None and sam_pixel_values is not None:
                 total = total + self._mask_loss(output, assistant, slots, mask_targets, normalisers)
@@ -785,18 +857,18 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             boxes = boxes.to(_dtype_of(self.loc_encoder))
             cycled = self.decode_boxes(self.loc_encoder(boxes))
             output.cycle_box_loss = (cycled.float() - boxes.float()).abs().sum() / (4 * normalisers["input_boxes"])
-            total = total + config.cycle_box_loss_weight * output.cycle_box_loss
+            total = total + weights.cycle_box_loss_weight * output.cycle_box_loss
 
-        if config.grounding_attention_loss_weight and bool(assistant.any()):
+        if weights.grounding_attention_loss_weight and bool(assistant.any()):
             # Only the triggers: also asking each `<boxes>` to look at the box it is fed (for region captions)
             # was measured to stop the triggers from learning to find objects by name.
             per_query, _ = self._attention_mass_loss(
                 output, input_ids, is_trigger[assistant], targets.float(), config.grounding_attention_heads
             )
             output.grounding_attention_loss = per_query.sum() / normalisers["boxes"]
-            total = total + config.grounding_attention_loss_weight * output.grounding_attention_loss
-        if config.region_attention_loss_weight and box_inputs is not None:
-            queries, slots, weights = _region_caption_queries(
+            total = total + weights.grounding_attention_loss_weight * output.grounding_attention_loss
+        if weights.region_attention_loss_weight and box_inputs is not None:
+            queries, slots, turn_weights = _region_caption_queries(
                 input_ids, labels, box_inputs_mask, config.trigger_token_id, config.box_token_id
             )
             if queries.shape[0]:
@@ -804,8 +876,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
                 per_query, usable = self._attention_mass_loss(
                     output, input_ids, queries, boxes, config.region_attention_heads
                 )
-                output.region_attention_loss = (per_query * weights[usable]).sum() / normalisers["region_turns"]
-                total = total + config.region_attention_loss_weight * output.region_attention_loss
+                output.region_attention_loss = (per_query * turn_weights[usable]).sum() / normalisers["region_turns"]
+                total = total + weights.region_attention_loss_weight * output.region_attention_loss
         output.loss = total
 
     def _attention_mass_loss(self, output, input_ids, queries, query_boxes, heads=None):
@@ -862,10 +934,11 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         output.mask_ce_loss = ce / normalisers["masks"]
         output.mask_dice_loss = dice / normalisers["masks"]
         output.mask_iou_loss = iou / normalisers["masks"]
+        weights = self.effective_loss_weights()
         return (
-            config.mask_ce_loss_weight * output.mask_ce_loss
-            + config.mask_dice_loss_weight * output.mask_dice_loss
-            + config.mask_iou_loss_weight * output.mask_iou_loss
+            weights.mask_ce_loss_weight * output.mask_ce_loss
+            + weights.mask_dice_loss_weight * output.mask_dice_loss
+            + weights.mask_iou_loss_weight * output.mask_iou_loss
         )
 
 
@@ -954,8 +1027,10 @@ def _normalisers(local: dict, num_items_in_batch) -> dict:
 
 
 __all__ = [
+    "NextChatLossWeights",
     "NextChatPreTrainedModel",
     "NextChatModel",
     "NextChatForConditionalGeneration",
+    "NextChatModelOutputWithPast",
     "NextChatCausalLMOutputWithPast",
 ]

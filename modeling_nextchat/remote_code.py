@@ -25,6 +25,7 @@ REMOTE_CODE_MODULES = {
     "postprocessing_nextchat.py": "nextchat.processing.postprocessing_nextchat",
     "drawing_nextchat.py": "nextchat.processing.drawing_nextchat",
     "processing_nextchat.py": "nextchat.processing.processing_nextchat",
+    "pipeline_nextchat.py": "nextchat.pipeline_nextchat",
 }
 
 # shipped only where a folder's tokenizer is this class (transformers' own `register_for_auto_class` copies it when
@@ -47,6 +48,16 @@ def add_auto_map(json_path: str, entries: dict):
     with open(json_path, encoding="utf-8") as handle:
         content = json.load(handle)
     content["auto_map"] = {**content.get("auto_map", {}), **entries}
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def add_custom_pipelines(json_path: str, entries: dict):
+    """Adds `custom_pipelines` entries (transformers' custom-pipeline mechanism) to a saved config.json."""
+    with open(json_path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    content["custom_pipelines"] = {**content.get("custom_pipelines", {}), **entries}
     with open(json_path, "w", encoding="utf-8") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -107,6 +118,7 @@ def refresh_folder(folder: str) -> list[str]:
     """Rewrites the remote code and the `auto_map` entries of an existing saved folder from the installed sources,
     exactly as `save_pretrained` writes them, without touching its weights or settings; returns the code files."""
     from .modeling_nextchat import MODEL_AUTO_MAP
+    from .pipeline_nextchat import CUSTOM_PIPELINES
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"`folder` {folder!r} has no config.json: not a saved NExT-Chat folder")
@@ -124,6 +136,7 @@ def refresh_folder(folder: str) -> list[str]:
                     handle.write(source)
                 written.append(file_name)
     add_auto_map(os.path.join(folder, "config.json"), MODEL_AUTO_MAP)
+    add_custom_pipelines(os.path.join(folder, "config.json"), CUSTOM_PIPELINES)
     add_processor_auto_map(folder)
     return written
 

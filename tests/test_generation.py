@@ -249,6 +249,24 @@ def test_batched_generation_equals_per_row(model):
         torch.testing.assert_close(out.pred_boxes[b], single.pred_boxes[0], atol=1e-5, rtol=1e-5)
 
 
+def test_right_padded_batch_generates_like_the_left_padded_one(model):
+    """A right-padded batch (a tokenizer with padding_side="right", as transformers' pipelines < 5.25 collate it)
+    is left-aligned by `generate`: the same tokens, boxes and masks as the left-padded batch."""
+    prompts, boxes = [PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B]
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, pad_token_id=0, eos_token_id=EOS)
+    outputs = []
+    for side in ("left", "right"):
+        inputs = batch(prompts, boxes, side=side)
+        length = inputs["input_ids"].shape[1]
+        outputs.append(model.generate(**inputs, logits_processor=LogitsProcessorList([ForceTriggerAt(length, (3,))]),
+                                      sam_pixel_values=sam_images(2, seed=3), **kwargs))
+    left, right = outputs
+    assert torch.equal(left.sequences, right.sequences)
+    for b in range(len(prompts)):
+        torch.testing.assert_close(right.pred_boxes[b], left.pred_boxes[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(right.pred_masks[b], left.pred_masks[b], atol=1e-4, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_static_cache_matches_dynamic_cache(model):
     inputs = batch([PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B])

@@ -115,10 +115,10 @@ def test_attention_heads_are_checked(heads):
 def test_mask_presets_switch_the_region_term_off():
     model = tiny_model(sam=True, region_attention_loss_weight=2.0)
     apply_stage_preset(model, "stage3")
-    assert model.config.region_attention_loss_weight == 0.0
+    assert model.loss_weights.region_attention_loss_weight == 0.0
     model = tiny_model(sam=True, region_attention_loss_weight=2.0)
     apply_stage_preset(model, "stage2")
-    assert model.config.region_attention_loss_weight == 0.0  # the original's weights: the term is not in it
+    assert model.loss_weights.region_attention_loss_weight == 0.0  # the original's weights: the term is not in it
 
 
 def test_loss_weight_start_callback_switches_on_after_its_fraction_of_the_budget():

@@ -87,6 +87,8 @@ def _auto_maps(folder: Path) -> dict:
         if (folder / name).is_file():
             content = json.loads((folder / name).read_text())
             maps[name] = content.get("auto_map")
+            if name == "config.json":
+                maps["config.json:custom_pipelines"] = content.get("custom_pipelines")
             if isinstance(content.get("image_processor"), dict):
                 maps[name + ":image_processor"] = content["image_processor"].get("auto_map")
     return maps
@@ -103,6 +105,7 @@ def test_shipped_remote_code_is_what_save_pretrained_writes_now(tmp_path):
     stale = [name for name in written if written[name] != shipped[name]]
     assert not stale, f"{stale} differ from the current sources: run `python -m nextchat.remote_code {SHIPPED}`"
     assert _auto_maps(tmp_path) == _auto_maps(SHIPPED)
+    assert "grounded-image-text-to-text" in _auto_maps(SHIPPED)["config.json:custom_pipelines"]
     image_map = _auto_maps(SHIPPED)["processor_config.json:image_processor"]
     assert image_map == {"AutoImageProcessor": "image_processing_nextchat.NextChatImageProcessor"}
 

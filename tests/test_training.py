@@ -381,7 +381,7 @@ def test_stage3_preset_trains_exactly_seg_prompt_mlp_and_mask_decoder(processor,
     expected = sorted(n for n, _ in model.named_parameters()
                       if n.startswith("seg_prompt_mlp.") or n.startswith("sam.mask_decoder."))
     assert sorted(trainable_parameter_names(model)) == expected and expected
-    config = model.config
+    config = model.loss_weights  # training arguments, on the model (not the config)
     for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
                  "cycle_box_loss_weight", "grounding_attention_loss_weight"):
         assert getattr(config, name) == 0.0
@@ -405,7 +405,7 @@ def test_stage1_preset_freezes_clip_and_sam(processor):
     prefixes = ("model.language_model.", "lm_head.", "model.mm_projector.", "model.loc_encoder.", "loc_decoder.")
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
     assert options["return_sam_pixel_values"] is False
-    assert model.config.box_l1_loss_weight == 2.0 and model.config.box_giou_loss_weight == 0.2
+    assert model.loss_weights.box_l1_loss_weight == 2.0 and model.loss_weights.box_giou_loss_weight == 0.2
     # presets never cast: dtypes untouched
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     apply_stage_preset(model, "full")
@@ -592,7 +592,7 @@ def test_region_attention_term_trains_through_the_entry_point_once_due(tmp_path)
         run(config, root=str(tmp_path))
     trainer, model, _ = run({**config, "time_budget_s": 600}, root=str(tmp_path))
     assert model.model.language_model.config._attn_implementation == "eager"
-    assert model.config.region_attention_heads == [0, 1] and model.config.region_attention_loss_weight == 1.0
+    assert model.config.region_attention_heads == [0, 1] and model.loss_weights.region_attention_loss_weight == 1.0
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert "region_attention_loss" not in logged[0]
     terms = [h["region_attention_loss"] for h in logged[1:]]
@@ -708,7 +708,7 @@ def test_sam_preset_trains_seg_prompt_mlp_and_all_of_sam(processor):
     expected = sorted(n for n, _ in model.named_parameters() if n.startswith(("seg_prompt_mlp.", "sam.")))
     assert sorted(trainable_parameter_names(model)) == expected
     assert any(n.startswith("sam.image_encoder.") for n in expected)
-    assert model.config.lm_loss_weight == 0.0 and model.config.box_l1_loss_weight == 0.0
+    assert model.loss_weights.lm_loss_weight == 0.0 and model.loss_weights.box_l1_loss_weight == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ COLORS = {
     "purple": (135, 55, 185),
 }
 SHAPES = ("square", "circle", "triangle", "diamond")
+# shapes the shipped model never saw, for fine-tuning experiments (`--new-shape star`); never drawn by default
+EXTRA_SHAPES = ("star",)
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 BACKGROUNDS = ((244, 242, 236), (226, 226, 226), (206, 218, 230), (236, 222, 204), (214, 232, 214), (236, 214, 224))
 TASKS = ("rec", "res", "reg", "gc")
@@ -110,9 +112,30 @@ def shape_mask(kind: str, size: int, x0: int, y0: int, height: int, width: int) 
         mask = inside & (np.abs(u - 0.5) <= v / 2)
     elif kind == "diamond":
         mask = np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
+    elif kind == "star":  # the regular five-pointed star (pentagram outline), one point up
+        mask = _inside_polygon(u, v, _star_polygon())
     else:
-        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPES + EXTRA_SHAPES}")
     return mask & inside
+
+
+def _star_polygon(points: int = 5, inner: float = 0.382) -> np.ndarray:
+    """Vertices (u, v) in the unit square of a star with `points` points, the first one up."""
+    angles = -np.pi / 2 + np.arange(2 * points) * np.pi / points
+    radii = np.where(np.arange(2 * points) % 2 == 0, 0.5, 0.5 * inner)
+    return np.stack([0.5 + radii * np.cos(angles), 0.5 + radii * np.sin(angles)], axis=1)
+
+
+def _inside_polygon(u: np.ndarray, v: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd rule point-in-polygon test of the points (u, v)."""
+    inside = np.zeros(u.shape, dtype=bool)
+    n = len(polygon)
+    for i in range(n):
+        (x1, y1), (x2, y2) = polygon[i], polygon[(i + 1) % n]
+        crosses = (y1 > v) != (y2 > v)
+        x_at = x1 + (v - y1) * (x2 - x1) / ((y2 - y1) if y2 != y1 else 1e-12)
+        inside ^= crosses & (u < x_at)
+    return inside
 
 
 def mask_to_box(mask: np.ndarray) -> list[int]:
@@ -149,20 +172,32 @@ def _background(rng, height, width) -> np.ndarray:
 
 def render_scene(seed: int, height: int = 64, width: int = 64, min_objects: int = 2, max_objects: int = 3,
                  min_size: int = 12, max_size: int = 24, hard_fraction: float = 0.85,
-                 single_object_fraction: float = 0.0, same_shape_fraction: float = 0.5):
+                 single_object_fraction: float = 0.0, same_shape_fraction: float = 0.5, shapes=SHAPES,
+                 focus_shape: str | None = None):
     """Draw one scene. Returns (PIL image, objects) where each object is a dict with `color`, `shape`, `size`,
     `box` (pixel xyxy) and `mask` (bool (h, w)). With `single_object_fraction` > 0, that fraction of the scenes
     holds one object only (a curriculum aid: locating a lone object teaches where before which). A distractor shares
     the first object's shape (so that only the colour tells them apart) with probability `same_shape_fraction`,
-    else its colour."""
+    else its colour.
+
+    `shapes` is the set the scene draws from (default the four of the shipped model; add ``"star"`` from
+    `EXTRA_SHAPES` for new-object data); `focus_shape` makes the first object (the one REC queries target) that
+    shape. The defaults draw exactly the scenes of earlier versions."""
+    shapes = tuple(shapes)
+    unknown = set(shapes) - set(SHAPES + EXTRA_SHAPES)
+    if unknown or (focus_shape is not None and focus_shape not in SHAPES + EXTRA_SHAPES):
+        raise ValueError(f"`shapes`/`focus_shape`: unknown shape(s) {sorted(unknown) or [focus_shape]}; "
+                         f"expected some of {SHAPES + EXTRA_SHAPES}")
     rng = np.random.default_rng(seed)
     n_objects = int(rng.integers(min_objects, max_objects + 1))
     if single_object_fraction > 0 and rng.random() < single_object_fraction:
         n_objects = 1
-    colors, shapes = list(COLORS), list(SHAPES)
+    colors, shapes = list(COLORS), list(shapes)
     # attributes: the first object has a distractor that shares its colour or its shape with probability
     # `hard_fraction`; all (colour, shape) pairs distinct
     first = (colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))])
+    if focus_shape is not None:
+        first = (first[0], focus_shape)
     attrs = [first]
     if n_objects >= 2 and rng.random() < hard_fraction:
         if rng.random() < 1 - same_shape_fraction:  # (r < 0.5 by default: the streams of earlier versions)
@@ -224,7 +259,7 @@ def gc_answer(objects: list[dict], ref, rng: np.random.Generator, caption_order:
     order = rng.permutation(len(objects)).tolist()  # drawn in both modes, so that later draws are the same
     if caption_order == "name":
         colors = list(COLORS)
-        order.sort(key=lambda k: (colors.index(objects[k]["color"]), SHAPES.index(objects[k]["shape"])))
+        order.sort(key=lambda k: (colors.index(objects[k]["color"]), (SHAPES + EXTRA_SHAPES).index(objects[k]["shape"])))
     parts = [f"a {phrase(objects[k])} {ref(k)}" for k in order]
     n = len(objects)
     head = "There is one object: " if n == 1 else f"There are {NUMBER_WORDS.get(n, str(n))} objects: "
@@ -253,6 +288,11 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
     targeted: set[int] = set()
     # the object that was given a distractor is drawn first, then shuffled: find it again
     first_object = int(np.argmax([has_distractor(objects, j) for j in range(len(objects))]))
+    focus = scene_kwargs.get("focus_shape")
+    if focus is not None and any(o["shape"] == focus for o in objects):  # new-shape data: the new shape first
+        first_object = next(j for j, o in enumerate(objects) if o["shape"] == focus and has_distractor(objects, j)) \
+            if any(o["shape"] == focus and has_distractor(objects, j) for j, o in enumerate(objects)) else \
+            next(j for j, o in enumerate(objects) if o["shape"] == focus)
     for turn in range(n_turns):
         task = tasks[rng.choice(len(tasks), p=weights)]
         if task == "gc" and used_gc:
@@ -430,6 +470,9 @@ def main(argv=None):
                         help="probability that a distractor shares the shape (not the colour) of its object")
     parser.add_argument("--caption-order", choices=CAPTION_ORDERS, default="random",
                         help="order of the objects in a grounded caption: random, or by name (colour, then shape)")
+    parser.add_argument("--new-shape", choices=EXTRA_SHAPES, default=None,
+                        help="draw this new shape too (not in the shipped model's data) and make it the first object "
+                             "of every scene, the one REC/RES queries target (fine-tuning data for a new object)")
     args = parser.parse_args(argv)
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
@@ -449,8 +492,16 @@ def main(argv=None):
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
         single_object_fraction=args.single_object_fraction, same_shape_fraction=args.same_shape_fraction,
         task_weights=task_weights or None, caption_order=args.caption_order,
+        **new_shape_kwargs(args.new_shape),
     )
     print(path)
+
+
+def new_shape_kwargs(new_shape: str | None) -> dict:
+    """`render_scene` keyword arguments for scenes built around `new_shape` (none for None: the default scenes)."""
+    if new_shape is None:
+        return {}
+    return {"shapes": SHAPES + (new_shape,), "focus_shape": new_shape}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Config keys (see `training/configs/*.json` for complete examples):
     "seed": 0                                    # init seed (scratch)
   },
   "stage": "full" | "stage1" | "stage2" | "stage3",
-  "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides on the config, applied after the stage
+  "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides of the stage's loss weights
+                                                 # (`model.loss_weights`, a NextChatLossWeights: training
+                                                 # arguments, never taken from nor saved in config.json)
   "training_config": {"sam_box_prompt": "target", ...},   # optional: other NextChatConfig fields, likewise
                                                  # (grounding_attention_layers / _heads, region_attention_heads,
                                                  # sam_box_prompt, box_region_features)
@@ -213,20 +215,24 @@ def run(config: dict, root: str = "."):
 
     model = build_model(model_spec, processor, root)
     stage_options = apply_stage_preset(model, config.get("stage", "full"))
+    weights = model.loss_weights  # set by the stage preset: never the checkpoint config's
     for name, value in (config.get("loss_weights") or {}).items():
-        if not name.endswith("_loss_weight") or not hasattr(model.config, name):
+        if not name.endswith("_loss_weight") or not hasattr(weights, name):
             raise ValueError(f"config: unknown loss weight {name!r}")
-        setattr(model.config, name, value)
+        setattr(weights, name, float(value))
     for name, value in (config.get("training_config") or {}).items():
         if name not in TRAINING_CONFIG_FIELDS:
             raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
         setattr(model.config, name, value)
     model.config.check_consistency()
-    if model.config.grounding_attention_loss_weight or model.config.region_attention_loss_weight:
+    if weights.grounding_attention_loss_weight or weights.region_attention_loss_weight:
         # the attention terms read attention probabilities, which only eager attention returns
         model.model.language_model.set_attn_implementation("eager")
     if config.get("lora"):
         model = apply_lora(model, **config["lora"])
+        if pretrained:  # the adapter names its base by absolute path (or Hub id): it loads from anywhere
+            local = _resolve(pretrained, root)
+            model.peft_config["default"].base_model_name_or_path = local if os.path.exists(local) else pretrained
 
     use_masks = data_spec.get("use_masks", stage_options["use_masks"])
     sam_inputs = data_spec.get("return_sam_pixel_values", stage_options["return_sam_pixel_values"])
@@ -240,12 +246,14 @@ def run(config: dict, root: str = "."):
         eval_dataset = NextChatJsonlDataset(_resolve(data_spec["eval"], root), processor, **common)
 
     args = build_training_args(config.get("training_args", {}), root)
-    callbacks = []
+    from .finetune import SaveProcessorCallback
+
+    callbacks = [SaveProcessorCallback(processor)]  # every checkpoint-N/ loads with one argument
     if config.get("loss_weight_starts"):
         if not config.get("time_budget_s"):
             raise ValueError("config: `loss_weight_starts` are fractions of `time_budget_s`, which is not set")
         callbacks.append(LossWeightStartCallback(
-            base_model_of(model).config, config["loss_weight_starts"], config["time_budget_s"]
+            base_model_of(model).loss_weights, config["loss_weight_starts"], config["time_budget_s"]
         ))
     trainer = NextChatTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

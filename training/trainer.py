@@ -109,6 +109,10 @@ class NextChatTrainer(Trainer):
         return self.lr_scheduler
 
     def train(self, *args, **kwargs):
+        if hasattr(base_model_of(self.model), "effective_loss_weights"):
+            from .presets import check_loss_weights
+
+            check_loss_weights(self.model)  # warns when a trainable part has every loss weight at 0
         self._start_time = time.time()
         return super().train(*args, **kwargs)
 

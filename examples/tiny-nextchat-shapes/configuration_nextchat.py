@@ -94,7 +94,10 @@ class NextChatConfig(PreTrainedConfig):
             answer boxes apart and treats every `<boxes>` of `input_ids` as given.
         lm_loss_weight, box_l1_loss_weight, box_giou_loss_weight, cycle_embed_loss_weight,
         cycle_box_loss_weight (`float`): weights of the language-modelling and box loss terms. The defaults
-            are the original's: CE + 2·L1 + 0.2·(1−GIoU) + MSE cycle + L1 cycle.
+            are the original's: CE + 2·L1 + 0.2·(1−GIoU) + MSE cycle + L1 cycle. All `*_loss_weight` fields are the
+            LEGACY place of the loss weights (old `config.json` files carry them and keep loading): training sets
+            `model.loss_weights` (a `NextChatLossWeights`, never saved in the config; the stage presets of
+            `nextchat.training` always do), and `forward` reads these fields only while it is None.
         grounding_attention_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of a training-only term that is not in the original: `−log` of the attention mass (averaged
             over heads) that each assistant `<at>` puts on the image patches inside its target box, in the layers
