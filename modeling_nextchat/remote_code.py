@@ -43,24 +43,24 @@ def flatten_imports(source: str) -> str:
     return _RELATIVE_IMPORT.sub(lambda m: f"{m['indent']}from .{m['module']} import", source)
 
 
-def add_auto_map(json_path: str, entries: dict):
-    """Adds `auto_map` entries to a saved JSON file (keeping the entries it has)."""
+def add_json_entries(json_path: str, key: str, entries: dict):
+    """Adds `entries` to the dict under `key` of a saved JSON file (keeping the entries it has)."""
     with open(json_path, encoding="utf-8") as handle:
         content = json.load(handle)
-    content["auto_map"] = {**content.get("auto_map", {}), **entries}
+    content[key] = {**content.get(key, {}), **entries}
     with open(json_path, "w", encoding="utf-8") as handle:
         json.dump(content, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def add_auto_map(json_path: str, entries: dict):
+    """Adds `auto_map` entries to a saved JSON file."""
+    add_json_entries(json_path, "auto_map", entries)
 
 
 def add_custom_pipelines(json_path: str, entries: dict):
     """Adds `custom_pipelines` entries (transformers' custom-pipeline mechanism) to a saved config.json."""
-    with open(json_path, encoding="utf-8") as handle:
-        content = json.load(handle)
-    content["custom_pipelines"] = {**content.get("custom_pipelines", {}), **entries}
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    add_json_entries(json_path, "custom_pipelines", entries)
 
 
 def add_processor_auto_map(save_directory: str):
