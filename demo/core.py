@@ -31,7 +31,8 @@ import PIL.Image
 import PIL.ImageColor
 
 
-DRAW_COLORS = ("#F76566", "#18ACBA", "#9400D3", "#454926", "#4E72B8")
+from ..processing import DRAW_COLORS  # the processor's drawing colours, so page and pictures agree
+
 USER_BOX_COLOR = "#7F7F7F"
 SHIPPED_MODEL_NAME = "tiny-nextchat-shapes"
 MODEL_ENV_VAR = "NEXTCHAT_DEMO_MODEL"

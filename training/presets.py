@@ -1,6 +1,6 @@
 """Training recipes: which parameters train in each stage of the original NExT-Chat, LoRA, initialisation helpers.
 
-Stages (reference §2.3, §7.4 of the original's training):
+Stages (as the original NExT-Chat trains them, plus two for models trained from scratch):
 
 * ``stage1`` / ``stage2`` (VL + detection pre-training / instruction tuning): the whole LLM (embeddings, layers,
   norm, ``lm_head``), ``mm_projector``, ``loc_encoder``, ``loc_decoder`` train; the CLIP tower is frozen. The
