@@ -33,17 +33,7 @@ from nextchat.training.train import scratch_config
 from nextchat.training.trainer import NextChatTrainer
 
 
-IMAGE = 32
-TINY_SPEC = {
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "max_position_embeddings": 512},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "patch_size": 8},
-    "sam_config": {"patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 2, "encoder_num_heads": 2,
-                   "encoder_global_attn_indexes": [1], "window_size": 2, "prompt_embed_dim": 16},
-    "box_decoder_activation": "sigmoid",
-}
-SCENE = {"height": IMAGE, "width": IMAGE, "min_size": 6, "max_size": 12, "max_objects": 3}
+from test_training import IMAGE, SCENE, TINY_SPEC  # the training tests' tiny model and scenes
 ZERO_CONFIG_WEIGHTS = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
                                               "cycle_embed_loss_weight", "cycle_box_loss_weight")}
 

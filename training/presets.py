@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ..modeling_nextchat import NextChatLossWeights
+
 
 LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 DEFAULT_MODULES_TO_SAVE = ("mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp")
@@ -30,22 +32,15 @@ DEFAULT_MODULES_TO_SAVE = ("mm_projector", "loc_encoder", "loc_decoder", "seg_pr
 EMBEDDING_MODULES = ("lm_head", "embed_tokens")
 BOX_LOSS_WEIGHTS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
                     "cycle_box_loss_weight", "grounding_attention_loss_weight", "region_attention_loss_weight")
-ORIGINAL_LOSS_WEIGHTS = {
-    "lm_loss_weight": 1.0, "box_l1_loss_weight": 2.0, "box_giou_loss_weight": 0.2, "cycle_embed_loss_weight": 1.0,
-    "cycle_box_loss_weight": 1.0, "grounding_attention_loss_weight": 0.0, "region_attention_loss_weight": 0.0,
-    "mask_ce_loss_weight": 20.0,
-    "mask_dice_loss_weight": 1.0, "mask_iou_loss_weight": 1.0,
-}
+ORIGINAL_LOSS_WEIGHTS = NextChatLossWeights().to_dict()  # the defaults are the original NExT-Chat's
 STAGES = ("stage1", "stage2", "stage3", "sam", "full")
 
 
 def stage_loss_weights(stage: str, has_sam: bool = True):
     """The `NextChatLossWeights` a stage trains with — fixed by the stage, never read from a checkpoint's config:
     the original's weights for ``stage1``/``stage2``/``full``, the mask terms alone for ``stage3``/``sam``."""
-    from nextchat import NextChatLossWeights
-
     stage = {"1": "stage1", "2": "stage2", "3": "stage3"}.get(str(stage), str(stage))
-    weights = NextChatLossWeights(**ORIGINAL_LOSS_WEIGHTS)
+    weights = NextChatLossWeights()
     if stage in ("stage3", "sam"):
         for name in BOX_LOSS_WEIGHTS:
             setattr(weights, name, 0.0)
