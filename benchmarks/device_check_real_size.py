@@ -25,9 +25,8 @@ Run from the repository root:
     python benchmarks/device_check_real_size.py --tiny   # the same code path with the tests' tiny config, on CPU
 
 Needs `nextchat` installed (`pip install -e .`, or its wheel with `--no-deps` where torch is already there) with
-torch built for CUDA, transformers>=5.20, peft and segment-anything. Measured on one H200 (2026-11-27, torch 2.11,
-transformers 5.24): 39 s in all after imports, 14.4 GiB of weights, 17.0 GiB peak; every section passed.
-`--tiny` takes seconds. The exit status is 1 when a section failed.
+torch built for CUDA, transformers>=5.24, peft and segment-anything. The measured figures are in
+benchmarks/README.md. `--tiny` takes seconds. The exit status is 1 when a section failed.
 """
 
 import argparse
