@@ -1,4 +1,4 @@
-from .configuration_nextchat import SAM_VIT_H_CONFIG, NextChatConfig
+from .configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS, SAM_VIT_H_CONFIG, NextChatConfig
 
 
-__all__ = ["NextChatConfig", "SAM_VIT_H_CONFIG"]
+__all__ = ["NEXTCHAT_SPECIAL_TOKENS", "NextChatConfig", "SAM_VIT_H_CONFIG"]

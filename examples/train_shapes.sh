@@ -4,8 +4,6 @@
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
 #   VISION_STEPS=50 PHASE1_STEPS=20 PHASE2_STEPS=10 bash examples/train_shapes.sh   # a quick check of the whole path
-#   REGIONS=1 bash examples/train_shapes.sh   # adds `box_region_features` (not in the original), grounding
-#                                             # weight 2, region captions at weight 0.3 in the data
 #   Other variables: NPROC (processes per stage, default 2), PYTHON (the interpreter, default python).
 #
 # Data: a warm-up section of lone objects (5k "where is X" samples: where before which), then 40k scenes of 2-3
@@ -19,7 +17,7 @@
 # (train_sampling_strategy "sequential"), so the warm-up comes first; plus two training-only attention terms (not in
 # the original): each of heads 0-2 of every answer trigger is asked to attend to its object's patches, which a
 # from-scratch model otherwise learns last, and head 3 of every region-caption token to the given box's patches
-# (training/configs/shapes_tiny.json), with model seed 4 for the LLaMA, the heads and SAM (stage 0 keeps the
+# (`attention_supervision` in training/configs/shapes_tiny.json), with model seed 4 for the LLaMA, the heads and SAM (stage 0 keeps the
 # config's seed 0 for the tower).
 # Phase 2 (stage "sam", 600 steps of 2 x 16): seg_prompt_mlp and SAM with everything else frozen — the
 # original's mask stage 3, except that all of SAM trains because it is not pretrained here, and that SAM is
@@ -35,16 +33,11 @@ RUNS=${RUNS:-$ROOT/runs}
 PY=${PYTHON:-python}
 NPROC=${NPROC:-2}
 DATA=$RUNS/shapes_data
-REGION_DATA=(); REGION_MODEL=()
-if [ "${REGIONS:-0}" = 1 ]; then
-    REGION_DATA=(--task-weights reg=0.3)
-    REGION_MODEL=(--set model.scratch.box_region_features=true --set loss_weights.grounding_attention_loss_weight=2.0)
-fi
 start=$(date +%s)
 $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
     --min-objects 1 --max-objects 1 --max-turns 1 &
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 --max-turns 1 \
-    --caption-order name "${REGION_DATA[@]}" &
+    --caption-order name &
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-2000}" \
@@ -53,7 +46,6 @@ $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.trai
     "$ROOT/training/configs/shapes_tiny.json" \
     --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
     --set data.synthetic=null --set training_args.max_steps="${PHASE1_STEPS:-1300}" --set model.seed=4 \
-    "${REGION_MODEL[@]}" \
     --set data.train="[\"$DATA/warmup/data.jsonl\", \"$DATA/train/data.jsonl\"]" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase1\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/phase1/final\""

@@ -15,9 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "examples", "tiny-nextchat-shapes")
 BIN = os.path.dirname(sys.executable)
 # the recipe of the README's "Fine-tune on your own data" section
+# the shipped model's own recipe (training/configs/shapes_tiny.json)
+SHAPES_ATTENTION_SUPERVISION = {"grounding_weight": 1, "region_weight": 2, "grounding_heads": [0, 1, 2],
+                                "region_heads": [3], "per_head": True}
 RECIPE = ["--lora", "--steps", "400", "--batch-size", "16", "--lr", "2e-3", "--replay-fraction", "1.0",
           "--loss-weight", "box_giou_loss_weight=1", "--loss-weight", "cycle_embed_loss_weight=0",
-          "--loss-weight", "grounding_attention_loss_weight=1", "--loss-weight", "region_attention_loss_weight=2"]
+          "--attention-supervision", json.dumps(SHAPES_ATTENTION_SUPERVISION)]
 OLD_EVAL_SEEDS = 100
 
 

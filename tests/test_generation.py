@@ -46,13 +46,6 @@ def model():
     return _generation_model()
 
 
-@pytest.fixture(scope="module")
-def region_model():
-    """The user's boxes also carry their region's image features; the predicted ones never do."""
-    model = _generation_model(box_region_features=True)
-    with torch.no_grad():  # and make those weigh too
-        model.model.mm_projector[-1].weight.mul_(30)
-    return model
 
 
 def naive_reference(model, prompt, row_images, user_boxes, generated):
@@ -74,8 +67,7 @@ def naive_reference(model, prompt, row_images, user_boxes, generated):
                 rows.append(features[image_k])
                 image_k += 1
             elif token == BOXES:
-                given = box_k < len(user_boxes)  # the user's boxes come first in the queue, then predicted ones
-                rows.append(naive_box_embedding(model, box_queue[box_k], features if given else None))
+                rows.append(naive_box_embedding(model, box_queue[box_k]))  # the user's boxes, then predicted ones
                 box_k += 1
             else:
                 rows.append(embed(torch.tensor(token)))
@@ -93,8 +85,7 @@ def naive_reference(model, prompt, row_images, user_boxes, generated):
             if token == IMAGE_PATCH:
                 rows.append(features[image_k]); image_k += 1
             elif token == BOXES:
-                given = box_k < len(user_boxes)
-                rows.append(naive_box_embedding(model, box_queue[box_k], features if given else None)); box_k += 1
+                rows.append(naive_box_embedding(model, box_queue[box_k])); box_k += 1
             else:
                 rows.append(embed(torch.tensor(token)))
         hidden = model.model.language_model(inputs_embeds=torch.stack(rows)[None]).last_hidden_state[0]
@@ -120,11 +111,9 @@ def row_images_of(inputs, prompts, row):
     return inputs["pixel_values"][index : index + 1] if IMAGE_PATCH in prompts[row] else None
 
 
-@pytest.mark.parametrize("model_name", ["model", "region_model"])
 @pytest.mark.parametrize("do_sample", [False, True])
 @torch.no_grad()
-def test_greedy_and_sampling_logits_and_boxes_match_naive_reference(model_name, do_sample, request):
-    model = request.getfixturevalue(model_name)
+def test_greedy_and_sampling_logits_and_boxes_match_naive_reference(model, do_sample):
     prompts, boxes = [PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B]
     inputs = batch(prompts, boxes)
     prompt_length = inputs["input_ids"].shape[1]
@@ -198,10 +187,8 @@ def beam_generate(model, inputs, prompt_length):
     )
 
 
-@pytest.mark.parametrize("model_name", ["model", "region_model"])
 @torch.no_grad()
-def test_beam_search_scores_match_naive_reference_and_negative_control_fails(model_name, request):
-    model = request.getfixturevalue(model_name)
+def test_beam_search_scores_match_naive_reference_and_negative_control_fails(model):
     prompts, boxes = [PROMPT_A, PROMPT_B], [BOXES_A, BOXES_B]
     inputs = batch(prompts, boxes)
     prompt_length = inputs["input_ids"].shape[1]
@@ -215,10 +202,9 @@ def test_beam_search_scores_match_naive_reference_and_negative_control_fails(mod
         fed = int((sequence[0, prompt_length:] == BOXES).sum())  # `<boxes>` after the first `fed` answer triggers
         all_boxes = torch.cat([torch.tensor(boxes[b]).reshape(-1, 4), answer_boxes[:fed]])
         attention = torch.cat([inputs["attention_mask"][b], torch.ones(sequence.shape[1] - prompt_length)])[None]
-        given = torch.arange(sequence.shape[1])[None] < prompt_length  # region features: the user's boxes only
         forward = model(input_ids=sequence, attention_mask=attention.long(),
                         pixel_values=row_images_of(inputs, prompts, b),
-                        box_inputs=all_boxes[None] if len(all_boxes) else None, region_box_mask=given)
+                        box_inputs=all_boxes[None] if len(all_boxes) else None)
         columns = forward.trigger_positions[:, 1]
         torch.testing.assert_close(forward.pred_boxes[columns >= prompt_length - 1], answer_boxes, atol=1e-5, rtol=1e-5)
 

@@ -83,32 +83,33 @@ def test_loss_is_the_hand_computed_weighted_sum_of_the_terms(processor, batch):
     # the defaults are the original NExT-Chat's
     assert NextChatLossWeights().to_dict() == {
         "lm_loss_weight": 1.0, "box_l1_loss_weight": 2.0, "box_giou_loss_weight": 0.2, "cycle_embed_loss_weight": 1.0,
-        "cycle_box_loss_weight": 1.0, "grounding_attention_loss_weight": 0.0, "region_attention_loss_weight": 0.0,
-        "mask_ce_loss_weight": 20.0, "mask_dice_loss_weight": 1.0, "mask_iou_loss_weight": 1.0}
+        "cycle_box_loss_weight": 1.0, "mask_ce_loss_weight": 20.0, "mask_dice_loss_weight": 1.0, "mask_iou_loss_weight": 1.0}
 
 
 def test_zero_weights_in_a_checkpoint_config_do_not_zero_the_finetuning_loss(processor, batch, tmp_path):
-    # a checkpoint saved after a mask stage: its config.json carries LM/box weights of 0 (as the shipped model's)
-    tiny_model(processor, **ZERO_CONFIG_WEIGHTS).save_pretrained(tmp_path / "ckpt")
-    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert saved["lm_loss_weight"] == 0.0  # old config.json files with these fields keep loading
-    model = NextChatForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
-    assert model.loss_weights is None
-    legacy = model(**batch)  # no training arguments: the legacy config fields (what older versions did)
-    assert abs(float(legacy.loss) - float(weighted_sum(legacy, NextChatLossWeights(**ZERO_CONFIG_WEIGHTS)))) < 1e-5
+    # a checkpoint saved by an older version after a mask stage: its config.json carries LM/box weights of 0 (as the
+    # shipped model's once did)
+    tiny_model(processor).save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **ZERO_CONFIG_WEIGHTS}))
+    model = NextChatForConditionalGeneration.from_pretrained(tmp_path / "ckpt")  # old config.json files keep loading
+    assert not hasattr(model.config, "lm_loss_weight")
+    assert model.loss_weights == NextChatLossWeights()  # the original's weights, not the config's zeros
+    out = model(**batch)
+    assert float(out.loss) > float(out.lm_loss) > 0
+    assert abs(float(out.loss) - float(weighted_sum(out, NextChatLossWeights()))) < 1e-4 * float(out.loss)
     for stage in ("stage2", "full"):
         apply_stage_preset(model, stage)
-        assert model.loss_weights == NextChatLossWeights()  # the stage's weights, not the config's zeros
-        out = model(**batch)
-        assert float(out.loss) > float(out.lm_loss) > 0
-        assert abs(float(out.loss) - float(weighted_sum(out, NextChatLossWeights()))) < 1e-4 * float(out.loss)
+        assert model.loss_weights == NextChatLossWeights()
     # presets never write the weights into the config
-    assert model.config.lm_loss_weight == 0.0
+    model.save_pretrained(tmp_path / "again")
+    assert "lm_loss_weight" not in json.loads((tmp_path / "again" / "config.json").read_text())
     assert stage_loss_weights("stage3").lm_loss_weight == 0.0 and stage_loss_weights("sam").mask_ce_loss_weight == 20
 
 
 def test_warning_when_every_weighted_term_of_a_trainable_part_is_zero(processor, batch, tmp_path):
-    model = tiny_model(processor, **ZERO_CONFIG_WEIGHTS)  # legacy zeros, everything trainable
+    model = tiny_model(processor)  # everything trainable, with LM/box weights at zero
+    model.loss_weights = NextChatLossWeights(**ZERO_CONFIG_WEIGHTS)
     with pytest.warns(UserWarning, match="get no loss") as record:
         dead = check_loss_weights(model)
     assert {"language_model", "lm_head", "loc_decoder", "mm_projector"} <= set(dead)
@@ -192,7 +193,7 @@ def test_finetune_outputs_load_with_one_argument_and_merge(processor, tmp_path):
     for folder in (tmp_path / "full", tmp_path / "full" / "checkpoint-2"):
         assert (folder / "model.safetensors").exists() and (folder / "processor_config.json").exists()
         model, _ = load_pretrained(str(folder))
-        assert model.loss_weights is None  # training arguments do not travel with the model
+        assert model.loss_weights == NextChatLossWeights()  # the weights of the run did not travel with it
         saved = json.loads((folder / "config.json").read_text())
         assert "loss_weights" not in saved
     lora = run(common + ["--output", str(tmp_path / "lora"), "--lora", "--train-embeddings", "yes"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nextchat.loss_nextchat import generalized_box_iou, mask_losses
+from nextchat.loss_nextchat import count_loss_items, generalized_box_iou, mask_losses
 from tiny_models import BOXES, IMAGE_PATCH, TRIGGER, image_block, images, pad_boxes, pad_rows, sam_images, tiny_model
 
 
@@ -120,74 +120,6 @@ def test_each_term_equals_reference_on_one_sample():
     torch.testing.assert_close(out.loss, expected)
 
 
-def grounding_attention_sample():
-    """SAMPLE as model inputs, with each assistant trigger's target patches by hand: `(inputs, targets,
-    patch_columns, assistant_columns)`. 2x2 patch grid (centres at 0.25 and 0.75), row-major. The answer's boxes:
-    1 [0.2, 0.1, 0.7, 0.9] holds the centres of the left column (patches 0 and 2); 2 [0.0, 0.3, 0.4, 0.5] holds no
-    centre, its own centre (0.2, 0.4) lies in patch 0. The prompt's trigger (a user box) has no target."""
-    sample = dict(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
-                  box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
-    targets = [[0, 2], [0]]
-    patch_columns = [i for i, t in enumerate(SAMPLE) if t == IMAGE_PATCH]
-    assistant_columns = [i for i, t in enumerate(SAMPLE) if t == TRIGGER and i >= len(PROMPT)]
-    return sample, targets, patch_columns, assistant_columns
-
-
-def test_grounding_attention_term_equals_reference():
-    """-log of the head-averaged attention mass of each assistant trigger on the patches of its box, by hand."""
-    sample, targets, patch_columns, assistant_columns = grounding_attention_sample()
-    for layers, expected_layers in ((None, [1]), ([0, -1], [0, 1])):
-        model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=0.5, grounding_attention_layers=layers)
-        model.set_attn_implementation("eager")
-        out = model(**sample)
-        reference = 0.0
-        for layer in expected_layers:
-            attention = out.attentions[layer][0].mean(0)  # heads averaged: (seq, seq)
-            for column, patches in zip(assistant_columns, targets):
-                mass = sum(attention[column, patch_columns[p]] for p in patches)
-                reference = reference - torch.log(mass + 1e-6)
-        reference = reference / (len(expected_layers) * len(assistant_columns))
-        torch.testing.assert_close(out.grounding_attention_loss, reference)
-        without = tiny_model(sam=False, seed=3)
-        without.set_attn_implementation("eager")
-        torch.testing.assert_close(out.loss, without(**sample).loss + 0.5 * reference)
-        assert without(**sample).grounding_attention_loss is None  # weight 0 (the default): no term, parity
-
-
-def test_per_head_attention_term_averages_each_heads_log_mass():
-    """`attention_loss_per_head`: the mean over heads of `−log` of each head's mass, by hand — which is larger than
-    `−log` of the mean mass whenever the heads disagree (Jensen), so the two reductions can be told apart."""
-    sample, targets, patch_columns, assistant_columns = grounding_attention_sample()
-    losses = {}
-    for per_head in (False, True):
-        model = tiny_model(sam=False, seed=3, grounding_attention_loss_weight=1.0, attention_loss_per_head=per_head)
-        model.set_attn_implementation("eager")
-        with torch.no_grad():  # sharper attention, so that the heads disagree (a fresh tiny model's is near uniform)
-            model.model.language_model.layers[1].self_attn.q_proj.weight.mul_(30)
-        out = model(**sample)
-        losses[per_head] = out.grounding_attention_loss
-    attention = out.attentions[1][0]  # the one supervised layer: (heads, seq, seq)
-    reference = 0.0
-    for column, patches in zip(assistant_columns, targets):
-        for head in range(attention.shape[0]):
-            mass = sum(attention[head, column, patch_columns[p]] for p in patches)
-            reference = reference - torch.log(mass + 1e-6) / attention.shape[0]
-    torch.testing.assert_close(losses[True], reference / len(assistant_columns))
-    assert losses[True] > losses[False] + 1e-4
-    with pytest.raises(ValueError, match="attention_loss_per_head"):
-        tiny_model(sam=False, attention_loss_per_head="yes")
-
-
-def test_grounding_attention_term_asks_for_eager_attention():
-    model = tiny_model(sam=False, grounding_attention_loss_weight=1.0)
-    model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="eager"):
-        model(input_ids=torch.tensor([SAMPLE]), labels=labels_for(SAMPLE, len(PROMPT))[None],
-              box_inputs=torch.tensor([SAMPLE_BOXES]), pixel_values=images(1))
-    with pytest.raises(ValueError, match="grounding_attention_layers"):
-        tiny_model(sam=False, grounding_attention_layers=[2])  # the tiny LM has layers 0 and 1
-
-
 def test_target_box_prompt_feeds_sam_the_ground_truth_box_of_assistant_triggers():
     """With `sam_box_prompt="target"` an assistant trigger's mask no longer depends on its decoded box (changing
     `loc_decoder` leaves it unchanged) while the user trigger's still does; "predicted" depends on it everywhere."""
@@ -235,8 +167,8 @@ def test_gradient_accumulation_equals_full_batch():
     micro = [batch_inputs(samples[:1]), batch_inputs(samples[1:])]
     micro[0]["pixel_values"], micro[1]["pixel_values"] = full["pixel_values"][:1], full["pixel_values"][1:]
     config = model.config
-    counts = [model.count_loss_items(m["input_ids"], m["labels"], m["box_inputs_mask"], None,
-                                     config.trigger_token_id, config.box_token_id) for m in micro]
+    counts = [count_loss_items(m["input_ids"], m["labels"], m["box_inputs_mask"], None, config.trigger_token_id,
+                               config.box_token_id) for m in micro]
     total = {key: sum(c[key] for c in counts) for key in counts[0]}
     assert counts[0]["boxes"] != counts[1]["boxes"] and counts[0]["tokens"] != counts[1]["tokens"]
     for m in micro:

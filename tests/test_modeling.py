@@ -1,12 +1,16 @@
 """Forward pass of NExT-Chat against naive references: input merge, padding, trigger boxes, SAM masks."""
 
+import json
+
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
-from nextchat.modeling_nextchat import region_features
+from nextchat import NextChatConfig, NextChatForConditionalGeneration
+
 from tiny_models import (
-    BOXES, IMAGE_PATCH, TRIGGER, image_block, images, naive_box_embedding, naive_region_feature, pad_boxes, pad_rows,
-    sam_images, tiny_config, tiny_model,
+    BOXES, IMAGE_PATCH, TRIGGER, image_block, images, naive_box_embedding, pad_boxes, pad_rows, sam_images, tiny_config,
+    tiny_model,
 )
 
 
@@ -23,9 +27,8 @@ def model():
     return tiny_model(sam=True)
 
 
-def naive_embeddings(model, row, row_images, row_boxes, given=None):
-    """Per-position loop: image features at `<im_patch>` in order, at `<boxes>` in order loc_encoder(box) (plus, with
-    `box_region_features`, the box's region feature of the row's image where `given[k]`, default every box)."""
+def naive_embeddings(model, row, row_images, row_boxes):
+    """Per-position loop: image features at `<im_patch>` in order, `loc_encoder(box)` at `<boxes>` in order."""
     embed = model.get_input_embeddings()
     projected = None
     if row_images is not None and len(row_images):
@@ -33,28 +36,19 @@ def naive_embeddings(model, row, row_images, row_boxes, given=None):
         projected = model.model.mm_projector(vision.hidden_states[-2][:, 1:])
     features = iter([] if projected is None else projected.reshape(-1, projected.shape[-1]))
     boxes = iter(row_boxes)
-    given = iter([True] * len(row_boxes) if given is None else given)
     rows = []
     for token in row:
         if token == IMAGE_PATCH:
             rows.append(next(features))
         elif token == BOXES:
-            image = None if projected is None or not next(given) else projected[0]
-            rows.append(naive_box_embedding(model, next(boxes), image))
+            rows.append(naive_box_embedding(model, next(boxes)))
         else:
             rows.append(embed(torch.tensor(token)))
     return torch.stack(rows)[None]
 
 
-@pytest.fixture(scope="module")
-def region_model():
-    return tiny_model(sam=True, box_region_features=True)
-
-
-@pytest.mark.parametrize("model_name", ["model", "region_model"])
 @torch.no_grad()
-def test_merge_matches_naive_loop_for_rows_with_and_without_images(model_name, request):
-    model = request.getfixturevalue(model_name)
+def test_merge_matches_naive_loop_for_rows_with_and_without_images(model):
     rows = [ROW_WITH_IMAGE, ROW_TEXT_ONLY, ROW_SECOND_IMAGE]
     row_boxes = [BOXES_WITH_IMAGE, BOXES_TEXT_ONLY, BOXES_SECOND_IMAGE]
     row_images = [images(1, seed=1), None, images(1, seed=2)]
@@ -69,79 +63,6 @@ def test_merge_matches_naive_loop_for_rows_with_and_without_images(model_name, r
         hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
         expected = model.lm_head(hidden)[0]
         torch.testing.assert_close(out.logits[b, : len(row)], expected, atol=1e-5, rtol=1e-5)
-
-
-def test_region_features_of_a_linear_feature_map_are_the_box_centre():
-    """Bilinear sampling reproduces a feature that is linear in position: the mean over the box is its centre."""
-    side = 6
-    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    features = torch.stack([xs.flatten(), ys.flatten()], dim=-1)[None].repeat(3, 1, 1)  # (3, 36, 2): (x, y)
-    boxes = torch.tensor([[0.2, 0.3, 0.6, 0.8], [0.5, 0.1, 0.2, 0.4], [0.1, 0.1, 0.12, 0.13]])  # 2nd: corners swapped
-    expected = torch.tensor([[0.4, 0.55], [0.35, 0.25], [0.11, 0.115]])
-    torch.testing.assert_close(region_features(features, boxes), expected, atol=1e-6, rtol=0)
-
-
-def test_region_features_match_naive_bilinear_loop():
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(4, 16, 5, generator=generator)
-    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [-0.3, 0.4, 1.4, 0.6], [0.9, 0.9, 0.95, 0.97], [0.6, 0.0, 0.1, 1.0]])
-    expected = torch.stack([naive_region_feature(features[k], boxes[k]) for k in range(4)])
-    torch.testing.assert_close(region_features(features, boxes), expected, atol=1e-5, rtol=1e-5)
-
-
-@torch.no_grad()
-def test_region_features_change_what_a_box_feeds_and_are_off_by_default(model, region_model):
-    assert model.config.box_region_features is False  # parity with the original
-    ids, mask = pad_rows([ROW_WITH_IMAGE])
-    box_inputs, box_mask = pad_boxes([BOXES_WITH_IMAGE])
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=images(1, seed=1), box_inputs=box_inputs,
-                  box_inputs_mask=box_mask)
-    region_model.load_state_dict(model.state_dict())
-    plain, region = model(**inputs), region_model(**inputs)
-    first_box = ROW_WITH_IMAGE.index(BOXES)
-    torch.testing.assert_close(plain.logits[0, :first_box], region.logits[0, :first_box])
-    assert (plain.logits[0, first_box:] - region.logits[0, first_box:]).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="box_region_features"):
-        tiny_config(box_region_features="yes")
-
-
-def test_each_box_reads_the_last_image_before_it(region_model):
-    """Images are numbered row-major over the batch; a box before any image of its row reads none (-1)."""
-    rows = [[1] + image_block() + [BOXES] + image_block() + [BOXES], [BOXES, 5] + image_block() + [BOXES, 2, 2]]
-    ids, _ = pad_rows(rows)
-    index = region_model.model._image_block_of(ids)
-    assert index[ids == BOXES].tolist() == [0, 1, -1, 2]
-
-
-def test_region_features_go_to_given_boxes_only_and_pass_no_gradient(region_model):
-    """In training, the answer's box (after a labelled trigger) keeps loc_encoder alone, like the boxes predicted
-    in generation; the user's box gets its region's features, read without gradient into the projector."""
-    row = [1, 5] + image_block() + [7, TRIGGER, BOXES, 8, 9, TRIGGER, BOXES, 10, 2]  # user box, then the answer's
-    answer_start = row.index(8)
-    boxes = [[0.1, 0.2, 0.6, 0.7], [0.4, 0.3, 0.9, 0.8]]
-    ids = torch.tensor([row])
-    labels = torch.tensor([[-100] * answer_start + row[answer_start:]])
-    pixel_values = images(1, seed=4)
-    captured = {}
-    hook = region_model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    try:
-        out = region_model(input_ids=ids, pixel_values=pixel_values, box_inputs=torch.tensor([boxes]), labels=labels)
-    finally:
-        hook.remove()
-    with torch.no_grad():
-        expected = naive_embeddings(region_model, row, pixel_values, boxes, given=[True, False])
-        hidden = region_model.model.language_model(inputs_embeds=expected).last_hidden_state
-        torch.testing.assert_close(out.logits, region_model.lm_head(hidden), atol=1e-5, rtol=1e-5)
-    projector = region_model.model.mm_projector[0].weight
-    user_box = row.index(BOXES)
-    grads = torch.autograd.grad(captured["embeds"][0, user_box].sum(), projector, allow_unused=True,
-                                retain_graph=True)[0]
-    assert grads is None or not bool(grads.any())
-    control = torch.autograd.grad(captured["embeds"][0, row.index(IMAGE_PATCH)].sum(), projector)[0]
-    assert bool(control.any())
 
 
 @torch.no_grad()
@@ -321,13 +242,42 @@ class TestBadInputs:
             box_model(input_ids=ids, box_inputs=torch.tensor([BOXES_TEXT_ONLY]), sam_pixel_values=sam_images(1))
 
     def test_config_rejects_token_ids_outside_vocabulary_and_bad_projector(self):
-        with pytest.raises(ValueError, match="trigger_token_id"):
+        # transformers' `@strict` configs: a validator's ValueError/TypeError is raised wrapped, message kept
+        with pytest.raises(StrictDataclassError, match="trigger_token_id"):
             tiny_config(trigger_token_id=64)
-        with pytest.raises(ValueError, match="projector_depth"):
+        with pytest.raises(StrictDataclassError, match="projector_depth"):
             tiny_config(projector_depth=0)
-        with pytest.raises(ValueError, match="vision_feature_layer"):
+        with pytest.raises(StrictDataclassError, match="projector_depth"):
+            tiny_config(projector_depth="2")  # field types too
+        with pytest.raises(StrictDataclassError, match="vision_feature_layer"):
             tiny_config(vision_feature_layer=-5)
-        with pytest.raises(ValueError, match="encoder_global_attn_indexes"):
+        with pytest.raises(StrictDataclassError, match="encoder_global_attn_indexes"):
             tiny_config(sam_config=dict(encoder_depth=2, encoder_global_attn_indexes=[5]))
-        with pytest.raises(ValueError, match="distinct"):
+        with pytest.raises(StrictDataclassError, match="distinct"):
             tiny_config(box_token_id=TRIGGER)
+        with pytest.raises(StrictDataclassError, match="sam_box_prompt"):
+            tiny_config(sam_box_prompt="ground-truth")
+
+    def test_config_validates_again_at_save(self, tmp_path):
+        config = tiny_config()
+        config.mask_loss_type = "hinge"
+        with pytest.raises(StrictDataclassError, match="mask_loss_type"):
+            config.save_pretrained(tmp_path)
+        assert not (tmp_path / "config.json").exists()
+
+    def test_old_configs_with_training_fields_load_without_them(self, tmp_path):
+        """Loss weights and attention-term settings that older versions saved in config.json load, and are
+        dropped: they are training arguments (`model.loss_weights`, `AttentionSupervision`)."""
+        tiny_config().save_pretrained(tmp_path)
+        path = tmp_path / "config.json"
+        saved = json.loads(path.read_text())
+        saved.update(lm_loss_weight=0.0, box_l1_loss_weight=0.0, grounding_attention_heads=[0, 1],
+                     attention_loss_per_head=True, box_region_features=False)
+        path.write_text(json.dumps(saved))
+        config = NextChatConfig.from_pretrained(tmp_path)
+        for name in ("lm_loss_weight", "box_l1_loss_weight", "grounding_attention_heads", "box_region_features"):
+            assert not hasattr(config, name), name
+        model = NextChatForConditionalGeneration(config)
+        assert model.loss_weights.lm_loss_weight == 1.0 and model.loss_weights.box_l1_loss_weight == 2.0
+        config.save_pretrained(tmp_path / "again")
+        assert "lm_loss_weight" not in json.loads((tmp_path / "again" / "config.json").read_text())

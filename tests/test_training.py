@@ -383,7 +383,7 @@ def test_stage3_preset_trains_exactly_seg_prompt_mlp_and_mask_decoder(processor,
     assert sorted(trainable_parameter_names(model)) == expected and expected
     config = model.loss_weights  # training arguments, on the model (not the config)
     for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
-                 "cycle_box_loss_weight", "grounding_attention_loss_weight"):
+                 "cycle_box_loss_weight"):
         assert getattr(config, name) == 0.0
     assert options == {"use_masks": True, "return_sam_pixel_values": True}
     # the loss is the mask loss alone, and only the trainable parameters receive gradients
@@ -542,8 +542,8 @@ def test_train_entry_point_loss_falls_and_checkpoint_loads_remotely(tmp_path):
         assert torch.equal(a, b), n
 
 
-def attention_term_config(loss_weights, training_config, tasks=None):
-    """A 30-step stage-2 run of a tiny scratch model on 16 synthetic scenes where only the given loss terms count."""
+def attention_term_config(supervision, tasks=None):
+    """A 30-step stage-2 run of a tiny scratch model on 16 synthetic scenes where only the attention terms count."""
     zero = {name: 0.0 for name in ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight",
                                    "cycle_embed_loss_weight", "cycle_box_loss_weight")}
     synthetic = {"out_dir": "data", "seed_start": 0, "num": 16, **({"tasks": tasks} if tasks else {}), **SCENE}
@@ -551,8 +551,8 @@ def attention_term_config(loss_weights, training_config, tasks=None):
         "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
                   "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
         "stage": "stage2",
-        "loss_weights": {**zero, **loss_weights},
-        "training_config": training_config,
+        "loss_weights": zero,
+        "attention_supervision": supervision,
         "data": {"synthetic": synthetic},
         "training_args": {"output_dir": "out", "per_device_train_batch_size": 16, "max_steps": 30,
                           "learning_rate": 1e-2, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
@@ -565,59 +565,32 @@ def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
     alone moves each trigger's attention onto its target (the term falls)."""
     from nextchat.training.train import run
 
-    config = attention_term_config({"grounding_attention_loss_weight": 1.0}, {"grounding_attention_layers": [-1]})
-    for bad in ({"training_config": {"box_decoder_activation": None}}, {"loss_weights": {"sam_box_prompt": 1}}):
-        with pytest.raises(ValueError, match="training_config|loss weight"):
+    config = attention_term_config({"grounding_weight": 1.0, "layers": [-1]})
+    for bad, message in (({"training_config": {"box_decoder_activation": None}}, "training_config"),
+                         ({"loss_weights": {"grounding_attention_loss_weight": 1.0}}, "attention_supervision"),
+                         ({"attention_supervision": {"grounding_weight": 1.0, "layers": [5]}}, "layers")):
+        with pytest.raises(ValueError, match=message):
             run({**config, **bad}, root=str(tmp_path))
     trainer, model, _ = run(config, root=str(tmp_path))
-    assert model.config.grounding_attention_layers == [-1]
+    assert model.attention_supervision.layers == [-1]
     assert model.model.language_model.config._attn_implementation == "eager"
     terms = [h["grounding_attention_loss"] for h in trainer.state.log_history if "grounding_attention_loss" in h]
     assert len(terms) == 30
     assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
 
 
-def test_region_attention_term_trains_through_the_entry_point_once_due(tmp_path):
-    """`loss_weight_starts` holds the region term at 0 until its rule is met (here: at the first logging step);
-    from then on it is logged, on the heads `training_config` names, and training on it alone makes the answers
-    look at the given box (the term falls)."""
+def test_region_attention_term_trains_through_the_entry_point(tmp_path):
+    """The region term is logged, on the heads the config names, and training on it alone makes the answers look at
+    the given box (the term falls)."""
     from nextchat.training.train import run
 
-    config = attention_term_config(
-        {"region_attention_loss_weight": 1.0}, {"grounding_attention_layers": [-1], "region_attention_heads": [0, 1]},
-        tasks=["reg"],
-    )
-    config["loss_weight_starts"] = {"region_attention_loss_weight": {"when_below": {"loss": 1e9}}}
-    with pytest.raises(ValueError, match="time_budget_s"):
-        run(config, root=str(tmp_path))
-    trainer, model, _ = run({**config, "time_budget_s": 600}, root=str(tmp_path))
-    assert model.model.language_model.config._attn_implementation == "eager"
-    assert model.config.region_attention_heads == [0, 1] and model.loss_weights.region_attention_loss_weight == 1.0
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert "region_attention_loss" not in logged[0]
-    terms = [h["region_attention_loss"] for h in logged[1:]]
-    assert len(terms) == 29
-    assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
-
-
-def test_region_features_switched_on_through_training_config(tmp_path):
-    """`box_region_features` adds no weights, so a config may switch it on for the model it trains (e.g. a
-    pretrained one); region-caption samples then train through the region read-out."""
-    from nextchat.training.train import run
-
-    config = {
-        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
-                  "scratch": {**TINY_SPEC, "sam_config": None}, "seed": 0},
-        "stage": "stage2",
-        "training_config": {"box_region_features": True},
-        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 8, "tasks": ["reg"], **SCENE}},
-        "training_args": {"output_dir": "out", "per_device_train_batch_size": 4, "max_steps": 2,
-                          "save_strategy": "no", "disable_tqdm": True, "use_cpu": True},
-        "output_model_dir": "final",
-    }
+    config = attention_term_config({"region_weight": 1.0, "layers": [-1], "region_heads": [0, 1]}, tasks=["reg"])
     trainer, model, _ = run(config, root=str(tmp_path))
-    assert model.config.box_region_features is True and trainer.state.global_step == 2
-    assert NextChatForConditionalGeneration.from_pretrained(str(tmp_path / "final")).config.box_region_features
+    assert model.model.language_model.config._attn_implementation == "eager"
+    assert model.attention_supervision.region_heads == [0, 1]
+    terms = [h["region_attention_loss"] for h in trainer.state.log_history if "region_attention_loss" in h]
+    assert len(terms) == 30
+    assert np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
 
 
 def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path):

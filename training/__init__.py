@@ -1,1 +1,6 @@
-"""nextchat.training"""
+"""nextchat.training: the data path, `NextChatTrainer`, stage presets and LoRA, and the training-only objectives."""
+
+from .attention_supervision import AttentionSupervision
+
+
+__all__ = ["AttentionSupervision"]

@@ -4,7 +4,7 @@
 nextchat-finetune --model DIR_OR_HUB_ID --train my.jsonl [--eval held.jsonl] [--lora] [--output DIR]
                   [--stage stage2] [--steps 300] [--batch-size 16] [--lr 1e-3]
                   [--train-embeddings auto|yes|no] [--replay old.jsonl --replay-fraction 0.5]
-                  [--loss-weight box_giou_loss_weight=1.0] [--save-steps N] [--merge]
+                  [--loss-weight box_giou_loss_weight=1.0] [--attention-supervision JSON] [--save-steps N] [--merge]
 ```
 
 * Data: the JSONL format of `training/README.md` (image, pixel boxes, optional masks, conversations with `[i]`).
@@ -235,6 +235,22 @@ class SaveProcessorCallback:
         return _Callback()
 
 
+def _vision_modules(model, layers: int | None) -> list[str]:
+    """The vision-tower modules `--train-vision` trains: the whole tower, or (`--vision-layers N`) the last N encoder
+    layers among those whose output the model uses (`config.vision_feature_layer`, e.g. -2: the last layer is unused)."""
+    if layers is None:
+        return ["vision_tower"]
+    tower = model.model.vision_tower
+    total = len(tower.encoder.layers)
+    feature_layer = model.config.vision_feature_layer
+    feature_layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    # hidden_states[i]: i = 0 the embeddings, i = k the output of layer k - 1
+    used = max(i if i >= 0 else total + 1 + i for i in feature_layers)
+    if not 1 <= layers <= used:
+        raise SystemExit(f"--vision-layers: between 1 and {used} (the layers whose output the model uses)")
+    return [f"vision_tower.encoder.layers.{i}" for i in range(used - layers, used)]
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="nextchat-finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +262,8 @@ def build_parser():
     parser.add_argument("--lora", action="store_true", help="LoRA on the language model (+ heads in full)")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-target", choices=("attention", "all"), default="attention",
+                        help="with --lora: LoRA on the language model's attention (default) or attention and MLP")
     parser.add_argument("--train-embeddings", choices=("auto", "yes", "no"), default="auto",
                         help="with --lora: train lm_head and the input embeddings in full (auto: when the data has "
                              "words the model cannot produce)")
@@ -254,11 +272,20 @@ def build_parser():
                              "for new kinds of objects that the frozen tower does not tell apart from old ones")
     parser.add_argument("--vision-lr", type=float, default=None,
                         help="learning rate of the vision tower with --train-vision (default: --lr / 10)")
+    parser.add_argument("--vision-layers", type=int, default=None,
+                        help="with --train-vision: train only the last N encoder layers whose output the model uses "
+                             "(config.vision_feature_layer), not the embeddings (default: the whole tower)")
+    parser.add_argument("--part-lr", action="append", default=[], metavar="PART=LR",
+                        help="learning rate of one part (embed_tokens, lm_head, language_model, mm_projector, "
+                             "loc_encoder, loc_decoder, vision_tower, ...), e.g. lm_head=2e-4 (repeatable)")
     parser.add_argument("--replay", action="append", default=[], help="JSONL of old data to mix in (repeatable)")
     parser.add_argument("--replay-fraction", type=float, default=0.5,
                         help="replay samples per training sample (default 0.5)")
     parser.add_argument("--loss-weight", action="append", default=[], metavar="NAME=VALUE",
                         help="override one of the stage's loss weights, e.g. box_giou_loss_weight=1")
+    parser.add_argument("--attention-supervision", metavar="JSON", default=None,
+                        help="the training-only attention terms (nextchat.training.AttentionSupervision kwargs), e.g. "
+                             "'{\"grounding_weight\": 1, \"grounding_heads\": [0, 1, 2]}'")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -281,7 +308,8 @@ def run(argv=None) -> dict:
     from transformers import TrainingArguments, set_seed
 
     from .data import NextChatDataCollator, NextChatJsonlDataset
-    from .presets import apply_lora, apply_stage_preset, format_parameter_report, trainable_parameter_report
+    from .presets import (LORA_TARGETS, apply_lora, apply_stage_preset, format_parameter_report, getattr_path,
+                          part_of, trainable_parameter_report)
     from .trainer import NextChatTrainer, base_model_of
 
     args = build_parser().parse_args(argv)
@@ -295,11 +323,18 @@ def run(argv=None) -> dict:
         if not hasattr(model.loss_weights, name):
             raise SystemExit(f"--loss-weight: unknown loss weight {name!r}; one of {list(model.loss_weights.to_dict())}")
         setattr(model.loss_weights, name, float(value))
-    if args.train_vision:
-        model.model.vision_tower.requires_grad_(True)
+    vision_modules = _vision_modules(model, args.vision_layers) if args.train_vision else ()
+    for name in vision_modules:
+        getattr_path(model, name).requires_grad_(True)
     print(f"[nextchat-finetune] stage {args.stage}: loss weights {model.loss_weights.to_dict()}")
-    if model.loss_weights.grounding_attention_loss_weight or model.loss_weights.region_attention_loss_weight:
-        model.model.language_model.set_attn_implementation("eager")  # the attention terms read attention maps
+    if args.attention_supervision:
+        from .attention_supervision import AttentionSupervision
+
+        try:
+            supervision = AttentionSupervision(**json.loads(args.attention_supervision)).attach(model).attention_supervision
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise SystemExit(f"--attention-supervision: {error}")
+        print(f"[nextchat-finetune] attention supervision: {supervision.to_dict()}")
 
     common = dict(use_masks=options["use_masks"], return_sam_pixel_values=options["return_sam_pixel_values"])
     train = NextChatJsonlDataset(args.train, processor, **common)
@@ -324,9 +359,9 @@ def run(argv=None) -> dict:
                       "lm_head and the input embeddings train in full (--train-embeddings no to refuse)")
         from .presets import DEFAULT_MODULES_TO_SAVE
 
-        modules = DEFAULT_MODULES_TO_SAVE + (("vision_tower",) if args.train_vision else ())
+        modules = DEFAULT_MODULES_TO_SAVE + tuple(vision_modules)
         model = apply_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, train_embeddings=train_embeddings,
-                           modules_to_save=modules)
+                           modules_to_save=modules, target_modules=LORA_TARGETS[args.lora_target])
         # the adapter names its base by an absolute path (or the Hub id), so that it loads from anywhere
         model.peft_config["default"].base_model_name_or_path = base_path
     report = trainable_parameter_report(model)
@@ -344,11 +379,25 @@ def run(argv=None) -> dict:
         and torch.cuda.is_bf16_supported(),
     )
     optimizers = (None, None)
+    part_lrs = {}
     if args.train_vision:  # the vision tower learns slower than the rest (at --lr it was measured to forget)
-        vision = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" in n]
-        rest = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
-        vision_lr = args.vision_lr if args.vision_lr is not None else args.lr / 10
-        optimizers = (torch.optim.AdamW([{"params": rest}, {"params": vision, "lr": vision_lr}], lr=args.lr,
+        part_lrs["vision_tower"] = args.vision_lr if args.vision_lr is not None else args.lr / 10
+    for item in args.part_lr:
+        name, _, value = item.partition("=")
+        try:
+            part_lrs[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--part-lr: expected PART=LR, got {item!r}")
+    if part_lrs:
+        unknown = set(part_lrs) - {part_of(n) for n, _ in model.named_parameters()}
+        if unknown:
+            raise SystemExit(f"--part-lr: no such part {sorted(unknown)}; parts: {sorted(report)}")
+        groups: dict[float, list] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault(part_lrs.get(part_of(name), args.lr), []).append(parameter)
+        print(f"[nextchat-finetune] learning rates per part: {part_lrs} (others {args.lr})")
+        optimizers = (torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=args.lr,
                                         weight_decay=0.0), None)
     trainer = NextChatTrainer(
         model=model, args=training_args, train_dataset=train_dataset,

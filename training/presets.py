@@ -23,15 +23,18 @@ import math
 
 import torch
 
-from ..modeling_nextchat import NextChatLossWeights
+from ..loss_nextchat import NextChatLossWeights
 
 
 LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+# LoRA on the language model's attention AND its MLP (`nextchat-finetune --lora-target all`)
+LM_ALL_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = {"attention": LM_REGEX, "all": LM_ALL_REGEX}
 DEFAULT_MODULES_TO_SAVE = ("mm_projector", "loc_encoder", "loc_decoder", "seg_prompt_mlp")
 # what LoRA must also train (in full, saved with the adapter) for the model to learn words it cannot produce yet
 EMBEDDING_MODULES = ("lm_head", "embed_tokens")
 BOX_LOSS_WEIGHTS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
-                    "cycle_box_loss_weight", "grounding_attention_loss_weight", "region_attention_loss_weight")
+                    "cycle_box_loss_weight")
 ORIGINAL_LOSS_WEIGHTS = NextChatLossWeights().to_dict()  # the defaults are the original NExT-Chat's
 STAGES = ("stage1", "stage2", "stage3", "sam", "full")
 
@@ -83,8 +86,7 @@ def apply_stage_preset(model, stage: str) -> dict:
 
 # Which weighted loss terms train each part of the model (directly; the mask terms also reach the language model
 # through the trigger states, but a run whose LM learns only from masks is the trap this guards against).
-_LM_TERMS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight",
-             "grounding_attention_loss_weight", "region_attention_loss_weight")
+_LM_TERMS = ("lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight")
 _MASK_TERMS = ("mask_ce_loss_weight", "mask_dice_loss_weight", "mask_iou_loss_weight")
 PART_LOSS_TERMS = {
     "vision_tower": _LM_TERMS + _MASK_TERMS,
@@ -139,14 +141,14 @@ def format_parameter_report(report: dict) -> str:
 def check_loss_weights(model, weights=None, warn: bool = True) -> list[str]:
     """The trainable parts of `model` (PEFT-wrapped or not) whose every weighted loss term is 0 — they would not
     learn. Warns (``warnings.warn`` and the transformers logger) naming them and the weights, unless `warn` is
-    False. `weights`: the `NextChatLossWeights` to check (default: what the model's forward uses)."""
+    False. `weights`: the `NextChatLossWeights` to check (default: the model's `loss_weights`)."""
     import warnings
 
     from .trainer import base_model_of
 
     base = base_model_of(model)
     if weights is None:
-        weights = base.effective_loss_weights() if hasattr(base, "effective_loss_weights") else None
+        weights = getattr(base, "loss_weights", None)
     if weights is None:
         return []
     trainable = {part_of(name) for name, p in model.named_parameters() if p.requires_grad}
@@ -156,8 +158,8 @@ def check_loss_weights(model, weights=None, warn: bool = True) -> list[str]:
         message = (
             f"these trainable parts get no loss: {dead} — every loss weight that trains them is 0 "
             f"({ {p: PART_LOSS_TERMS[p] for p in dead} }). Loss weights in use: {weights.to_dict()}. Set them with a "
-            "stage preset (`apply_stage_preset`) or `model.loss_weights = NextChatLossWeights(...)`; a checkpoint's "
-            "config may carry the zero weights of its last training phase."
+            "stage preset (`apply_stage_preset`), `--loss-weight NAME=VALUE`, or "
+            "`model.loss_weights = NextChatLossWeights(...)`."
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         from transformers.utils import logging
@@ -276,7 +278,7 @@ def reset_head_init(model, heads=("loc_encoder", "loc_decoder", "seg_prompt_mlp"
 
 
 __all__ = [
-    "DEFAULT_MODULES_TO_SAVE", "LM_REGEX", "ORIGINAL_LOSS_WEIGHTS", "PART_LOSS_TERMS", "STAGES", "apply_lora",
+    "DEFAULT_MODULES_TO_SAVE", "LM_ALL_REGEX", "LM_REGEX", "LORA_TARGETS", "ORIGINAL_LOSS_WEIGHTS", "PART_LOSS_TERMS", "STAGES", "apply_lora",
     "apply_stage_preset", "check_loss_weights", "format_parameter_report", "stage_loss_weights",
     "trainable_parameter_report", "EMBEDDING_MODULES",
     "init_vision_sincos_positions", "reset_head_init", "sincos_2d", "sincos_position_options",

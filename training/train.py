@@ -19,9 +19,9 @@ Config keys (see `training/configs/*.json` for complete examples):
   "loss_weights": {"box_l1_loss_weight": 2.0, ...},   # optional overrides of the stage's loss weights
                                                  # (`model.loss_weights`, a NextChatLossWeights: training
                                                  # arguments, never taken from nor saved in config.json)
-  "training_config": {"sam_box_prompt": "target", ...},   # optional: other NextChatConfig fields, likewise
-                                                 # (grounding_attention_layers / _heads, region_attention_heads,
-                                                 # sam_box_prompt, box_region_features)
+  "attention_supervision": {"grounding_weight": 1.0, "grounding_heads": [0, 1, 2], ...},   # optional:
+                                                 # the training-only attention terms (AttentionSupervision kwargs)
+  "training_config": {"sam_box_prompt": "target"},   # optional: NextChatConfig fields about training
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -32,13 +32,6 @@ Config keys (see `training/configs/*.json` for complete examples):
     "max_length": null, "use_masks": true, "system_prompt": null
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
-  "time_budget_s": 780,                          # optional: stop (and save) after this many seconds of training;
-                                                 # the cosine/linear decay then runs over wall-clock time, so
-                                                 # two runs differ (without it: training_args.max_steps, the
-                                                 # same run every time on one machine)
-  "loss_weight_starts": {"region_attention_loss_weight": 0.6},   # optional: hold a loss weight at 0 until that
-                                                 # fraction of time_budget_s, or {"when_below": {"grounding_attention_loss":
-                                                 # 0.25}, "earliest": 0.5, "latest": 0.7} (trainer.LossWeightStartCallback)
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
   "torch_num_threads": 1                         # optional: torch.set_num_threads
 }
@@ -55,12 +48,8 @@ import sys
 
 import torch
 
-# NextChatConfig fields a config's "training_config" may set on the model it trains, pretrained or not: how it
-# trains, and `box_region_features`, which adds no weights and so can be switched on for fine-tuning
-TRAINING_CONFIG_FIELDS = (
-    "grounding_attention_layers", "grounding_attention_heads", "region_attention_heads", "sam_box_prompt",
-    "box_region_features",
-)
+# NextChatConfig fields a config's "training_config" may set on the model it trains, pretrained or not
+TRAINING_CONFIG_FIELDS = ("sam_box_prompt",)
 
 
 def _resolve(path, root):
@@ -197,8 +186,9 @@ def build_training_args(spec: dict, root: str):
 def run(config: dict, root: str = "."):
     """Train as `config` says. Returns `(trainer, model, processor)`."""
     from .data import NextChatDataCollator, NextChatJsonlDataset
+    from .attention_supervision import AttentionSupervision
     from .presets import apply_lora, apply_stage_preset
-    from .trainer import LossWeightStartCallback, NextChatTrainer, base_model_of
+    from .trainer import NextChatTrainer
 
     if config.get("torch_num_threads"):
         # On a small shared CPU, one intra-op thread is far faster than oversubscribed ones (measured 10x here).
@@ -218,16 +208,18 @@ def run(config: dict, root: str = "."):
     weights = model.loss_weights  # set by the stage preset: never the checkpoint config's
     for name, value in (config.get("loss_weights") or {}).items():
         if not name.endswith("_loss_weight") or not hasattr(weights, name):
-            raise ValueError(f"config: unknown loss weight {name!r}")
+            raise ValueError(
+                f"config: unknown loss weight {name!r} in `loss_weights`, one of {list(weights.to_dict())} (the "
+                "attention terms are set in `attention_supervision`)"
+            )
         setattr(weights, name, float(value))
     for name, value in (config.get("training_config") or {}).items():
         if name not in TRAINING_CONFIG_FIELDS:
             raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
         setattr(model.config, name, value)
-    model.config.check_consistency()
-    if weights.grounding_attention_loss_weight or weights.region_attention_loss_weight:
-        # the attention terms read attention probabilities, which only eager attention returns
-        model.model.language_model.set_attn_implementation("eager")
+    model.config.validate()
+    if config.get("attention_supervision"):
+        AttentionSupervision(**config["attention_supervision"]).attach(model)
     if config.get("lora"):
         model = apply_lora(model, **config["lora"])
         if pretrained:  # the adapter names its base by absolute path (or Hub id): it loads from anywhere
@@ -249,16 +241,9 @@ def run(config: dict, root: str = "."):
     from .finetune import SaveProcessorCallback
 
     callbacks = [SaveProcessorCallback(processor)]  # every checkpoint-N/ loads with one argument
-    if config.get("loss_weight_starts"):
-        if not config.get("time_budget_s"):
-            raise ValueError("config: `loss_weight_starts` are fractions of `time_budget_s`, which is not set")
-        callbacks.append(LossWeightStartCallback(
-            base_model_of(model).loss_weights, config["loss_weight_starts"], config["time_budget_s"]
-        ))
     trainer = NextChatTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=NextChatDataCollator.from_processor(processor), time_budget_s=config.get("time_budget_s"),
-        callbacks=callbacks,
+        data_collator=NextChatDataCollator.from_processor(processor), callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=config.get("resume_from_checkpoint"))
     if args.should_save:

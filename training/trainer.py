@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+
+from ..loss_nextchat import count_loss_items as count_micro_batch_items
 
 
 LOSS_ITEM_KEYS = ("tokens", "boxes", "input_boxes", "masks", "region_turns")
@@ -31,18 +32,23 @@ def base_model_of(model):
 
 
 def count_loss_items(model, batches: list[dict]) -> dict | None:
-    """Sum of `model.count_loss_items` over micro-batches (None when they carry no labels, or when the model is not a
-    NExT-Chat, e.g. the patch classifier of `vision_pretrain`, trained here for the wall-clock schedule)."""
+    """The item counts of every loss term (`loss_nextchat.count_loss_items`, plus the region-caption turns of an
+    attached `AttentionSupervision`) summed over micro-batches; None when they carry no labels, or when the model is
+    not a NExT-Chat (e.g. the patch classifier of `vision_pretrain`)."""
     base = base_model_of(model)
-    if not batches or "labels" not in batches[0] or not hasattr(base, "count_loss_items"):
+    if not batches or "labels" not in batches[0] or not hasattr(base, "loss_weights"):
         return None
     config = base.config
+    supervision = getattr(base, "attention_supervision", None)
     total = dict.fromkeys(LOSS_ITEM_KEYS, 0)
     for batch in batches:
-        counts = base.count_loss_items(
+        counts = count_micro_batch_items(
             batch["input_ids"], batch["labels"], batch.get("box_inputs_mask"), batch.get("mask_targets"),
             config.trigger_token_id, config.box_token_id,
         )
+        if supervision is not None:
+            counts.update(supervision.count_items(config, batch["input_ids"], batch["labels"],
+                                                  batch.get("box_inputs_mask")))
         for key in LOSS_ITEM_KEYS:
             total[key] += int(counts.get(key, 0))
     return total
@@ -61,55 +67,16 @@ class NextChatTrainer(Trainer):
     `loss` (a term that is absent from a step, e.g. no masks, counts as 0 for it).
     """
 
-    def __init__(self, *args, time_budget_s: float | None = None, **kwargs):
-        """Args as `Trainer`, plus `time_budget_s`: when set, training stops after that many seconds and the
-        learning-rate schedule (`lr_scheduler_type` "cosine", "linear", "constant" or "warmup_stable_decay" — constant then
-        a cosine decay over the last `lr_scheduler_kwargs["decay_fraction"]` (0.25) of the time — after `warmup_steps`
-        steps) runs over
-        wall-clock time instead of steps, so that a run on a shared or slower machine still ends its decay."""
-        self.time_budget_s = time_budget_s
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if time_budget_s:
-            callbacks.append(TimeBudgetCallback(time_budget_s))
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         # our forward takes `num_items_in_batch` (a dict) and normalises every term with it
         self.model_accepts_loss_kwargs = True
         self._term_sums: dict[str, float] = {}
         self._last_logged_step = 0
         self._start_time = None
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if not self.time_budget_s or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        kind = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
-        if kind not in ("cosine", "linear", "constant", "warmup_stable_decay"):
-            raise ValueError(
-                f"a time-budget schedule supports cosine, linear, constant or warmup_stable_decay, not {kind!r}"
-            )
-        decay_fraction = float((self.args.lr_scheduler_kwargs or {}).get("decay_fraction", 0.25))
-        warmup = self.args.get_warmup_steps(num_training_steps)
-        budget, trainer = float(self.time_budget_s), self
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            start = trainer._start_time or time.time()
-            # rank 0's clock for every process: with each its own, the replicas would step with slightly different
-            # learning rates and drift apart
-            progress = _rank0_value(min(max((time.time() - start) / budget, 0.0), 1.0), trainer.args)
-            if kind == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            if kind == "warmup_stable_decay":  # constant, then a cosine decay over the last `decay_fraction`
-                tail = max(progress - (1.0 - decay_fraction), 0.0) / max(decay_fraction, 1e-9)
-                return 0.5 * (1.0 + math.cos(math.pi * min(tail, 1.0)))
-            return 1.0 - progress if kind == "linear" else 1.0
-
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
-
     def train(self, *args, **kwargs):
-        if hasattr(base_model_of(self.model), "effective_loss_weights"):
+        if hasattr(base_model_of(self.model), "loss_weights"):
             from .presets import check_loss_weights
 
             check_loss_weights(self.model)  # warns when a trainable part has every loss weight at 0
@@ -159,90 +126,4 @@ class NextChatTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _rank0_value(value: float, args) -> float:
-    """`value` as rank 0 has it, in every process (itself when not distributed): rank 0's clock decides for all."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = torch.tensor([value], device=args.device)
-        torch.distributed.broadcast(tensor, src=0)
-        return float(tensor.item())
-    return value
-
-
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training (and saves) once `budget_s` seconds have passed since `on_train_begin`."""
-
-    def __init__(self, budget_s: float):
-        self.budget_s = float(budget_s)
-        self.start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # every process must stop after the same step, or the others wait forever in the next all-reduce
-        over = bool(_rank0_value(float(self.start is not None and time.time() - self.start > self.budget_s), args))
-        if over:
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-
-class LossWeightStartCallback(TrainerCallback):
-    """Holds some loss weights of `config` at 0 until they are due, then sets them to their configured values.
-
-    `starts` maps a weight's name to a fraction of the wall-clock budget (`{"region_attention_loss_weight": 0.6}`:
-    the term joins for the last 40% of the run), or to `{"when_below": {"grounding_attention_loss": 0.2},
-    "earliest": 0.5, "latest": 0.7}`: the term joins once every logged term named there has fallen below its value
-    (checked at each logging step from the `earliest` fraction of the budget on), and at the latest after the
-    `latest` fraction. For a term that would compete with what
-    the model has to learn first. Every process decides alike: the logged terms are reduced over processes, and
-    rank 0's clock decides for the time."""
-
-    def __init__(self, config, starts: dict, budget_s: float):
-        self.config, self.budget_s = config, float(budget_s)
-        self.rules = {}
-        for name, rule in starts.items():
-            if not name.endswith("_loss_weight") or not hasattr(config, name):
-                raise ValueError(f"`loss_weight_starts`: unknown loss weight {name!r}")
-            if not isinstance(rule, dict):
-                rule = {"latest": rule}
-            unknown = set(rule) - {"when_below", "earliest", "latest"}
-            if unknown:
-                raise ValueError(f"`loss_weight_starts[{name!r}]`: unknown keys {sorted(unknown)}")
-            latest, earliest = float(rule.get("latest", 1.0)), float(rule.get("earliest", 0.0))
-            if not 0.0 <= earliest <= latest <= 1.0:
-                raise ValueError(
-                    f"`loss_weight_starts[{name!r}]`: fractions must satisfy 0 <= earliest <= latest <= 1, got "
-                    f"{earliest!r} and {latest!r}"
-                )
-            self.rules[name] = {"latest": latest, "earliest": earliest, "when_below": dict(rule.get("when_below") or {}),
-                                "value": getattr(config, name), "on": False}
-        self.start, self.progress = None, 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.progress = time.time(), 0.0
-        for name, rule in self.rules.items():
-            rule["on"] = rule["latest"] == 0.0
-            setattr(self.config, name, rule["value"] if rule["on"] else 0.0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        for name, rule in self.rules.items():
-            below = rule["when_below"]
-            due = not rule["on"] and below and self.progress >= rule["earliest"]
-            if due and all(term in logs and logs[term] < value for term, value in below.items()):
-                rule["on"] = True
-                setattr(self.config, name, rule["value"])
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.progress = _rank0_value((time.time() - self.start) / self.budget_s, args)
-        for name, rule in self.rules.items():
-            if not rule["on"] and self.progress >= rule["latest"]:
-                rule["on"] = True
-                setattr(self.config, name, rule["value"])
-
-
-__all__ = [
-    "LOSS_ITEM_KEYS", "LossWeightStartCallback", "NextChatTrainer", "TimeBudgetCallback", "base_model_of",
-    "count_loss_items",
-]
+__all__ = ["LOSS_ITEM_KEYS", "NextChatTrainer", "base_model_of", "count_loss_items"]
