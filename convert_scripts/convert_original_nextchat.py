@@ -45,36 +45,29 @@ import logging
 import os
 import re
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from ..configuration.configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS
+
 
 logger = logging.getLogger(__name__)
 
-# The five tokens the original code adds to the vocabulary, and the config field holding each id.
-ORIGINAL_ADDED_TOKENS = OrderedDict(
-    [
-        ("<im_patch>", "image_token_id"),
-        ("<im_start>", "image_start_token_id"),
-        ("<im_end>", "image_end_token_id"),
-        ("<at>", "trigger_token_id"),
-        ("<boxes>", "box_token_id"),
-    ]
-)
+# The attribute in which the original code writes the id of each NExT-Chat token onto the CLIP config at run time
+# (keyed by the config field, as `NEXTCHAT_SPECIAL_TOKENS`).
+_CLIP_TOKEN_ATTRIBUTES = {
+    "image_token_id": "im_patch_token",
+    "image_start_token_id": "im_start_token",
+    "image_end_token_id": "im_end_token",
+    "trigger_token_id": "at_token",
+    "box_token_id": "box_token",
+}
 
 # Attributes the original code writes onto the CLIP config at run time; they are not CLIP settings.
-_CLIP_RUNTIME_ATTRIBUTES = (
-    "use_im_start_end",
-    "im_patch_token",
-    "im_start_token",
-    "im_end_token",
-    "at_token",
-    "box_token",
-)
+_CLIP_RUNTIME_ATTRIBUTES = ("use_im_start_end", *_CLIP_TOKEN_ATTRIBUTES.values())
 
 # Keys of an original `config.json` that describe the LLaMA language model, copied into `text_config`.
 _LLAMA_CONFIG_KEYS = (
@@ -673,12 +666,12 @@ def load_original_tokenizer(original_dir: Path):
     data["model"].update(byte_fallback=bool(proto.trainer_spec.byte_fallback), unk_token=unk_piece, fuse_unk=True)
 
     ids = {}
-    for token in ORIGINAL_ADDED_TOKENS:
+    for token in NEXTCHAT_SPECIAL_TOKENS.values():
         token_id = settings["added_tokens"].get(token)
         if token_id is None:
             raise ConversionError(
                 f"the checkpoint's tokenizer in {original_dir} does not know {token!r}; "
-                f"NExT-Chat checkpoints add {list(ORIGINAL_ADDED_TOKENS)} (added_tokens.json)"
+                f"NExT-Chat checkpoints add {list(NEXTCHAT_SPECIAL_TOKENS.values())} (added_tokens.json)"
             )
         ids[token] = token_id
     added = []
@@ -830,7 +823,8 @@ def plan_conversion(
     tower_dir = resolve_vision_tower(vision_tower, original_dir, original_config)
     vision_config = build_vision_config(tower_dir)
     tower_raw = _read_json(tower_dir / "config.json")
-    for token, field_name in (("<im_patch>", "im_patch_token"), ("<im_start>", "im_start_token"), ("<im_end>", "im_end_token"), ("<at>", "at_token"), ("<boxes>", "box_token")):
+    for config_field, field_name in _CLIP_TOKEN_ATTRIBUTES.items():
+        token = NEXTCHAT_SPECIAL_TOKENS[config_field]
         if field_name in tower_raw and tower_raw[field_name] != token_ids[token]:
             raise ConversionError(
                 f"the vision tower config says {field_name}={tower_raw[field_name]} but the tokenizer gives {token}={token_ids[token]}"
@@ -919,7 +913,7 @@ def plan_conversion(
         vision_feature_layer=original_config.get("mm_vision_select_layer", -1),
         projector_depth=projector_depth,
         num_seg_prompt_tokens=num_seg_prompt_tokens,
-        **{ORIGINAL_ADDED_TOKENS[t]: i for t, i in token_ids.items()},
+        **{config_field: token_ids[token] for config_field, token in NEXTCHAT_SPECIAL_TOKENS.items()},
         bos_token_id=text_config.bos_token_id,
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id,

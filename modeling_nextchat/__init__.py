@@ -15,13 +15,13 @@ from .configuration import NextChatConfig
 from .modeling_nextchat import (
     NextChatCausalLMOutputWithPast,
     NextChatForConditionalGeneration,
-    NextChatLossWeights,
     NextChatModel,
     NextChatPreTrainedModel,
 )
 from .generation_nextchat import NextChatGenerateOutput
+from .loss_nextchat import NextChatLossWeights
 from .pipeline_nextchat import TASK as GROUNDING_TASK, NextChatGroundingPipeline
-from .processing import NextChatImageProcessor, NextChatLlamaTokenizer, NextChatProcessor, build_tiny_processor
+from .processing import NextChatImageProcessor, NextChatLlamaTokenizer, NextChatProcessor
 
 
 AutoConfig.register("nextchat", NextChatConfig, exist_ok=True)
@@ -54,5 +54,4 @@ __all__ = [
     "NextChatGroundingPipeline",
     "NextChatImageProcessor",
     "NextChatProcessor",
-    "build_tiny_processor",
 ]

@@ -1,9 +1,8 @@
 """`nextchat-quickstart`: a grounded answer about an image, offline, drawn to a PNG.
 
-With `--model DIR` (a converted or trained checkpoint with its processor) the model answers for real. Without
-it, the tiny model shipped in this repository (`examples/tiny-nextchat-shapes`, trained here on synthetic shapes)
-is used when present; otherwise a tiny model with RANDOM weights shows the pipeline end to end — its boxes are
-not a trained answer.
+`--model DIR_OR_HUB_ID` names a NExT-Chat folder or Hub repository (model + processor: a converted or trained
+checkpoint). Without it, the tiny model shipped in this repository's checkout (`examples/tiny-nextchat-shapes`,
+trained here on synthetic shapes) answers about a scene of its task; outside a checkout, `--model` is required.
 """
 
 import argparse
@@ -12,31 +11,18 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-from .configuration import NextChatConfig
 from .modeling_nextchat import NextChatForConditionalGeneration
 
 
+# The tiny model shipped in the repository checkout (present when the package is installed from one, `pip install -e`).
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                              "tiny-nextchat-shapes")
 
 
-def tiny_random_model_and_processor(seed: int = 0):
-    """A NExT-Chat of about half a million parameters with random weights, and a tiny offline processor."""
-    from .processing import build_tiny_processor
-
-    processor = build_tiny_processor(image_size=28, sam_image_size=64)
-    config = NextChatConfig(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        sam_config=dict(image_size=64, patch_size=16, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2,
-                        encoder_global_attn_indexes=[1], window_size=2, prompt_embed_dim=32),
-        **processor.special_token_ids,
-    )
-    torch.manual_seed(seed)
-    return NextChatForConditionalGeneration(config).eval(), processor
+# In the shipped folder: a scene of its task never used in training (seed 1,000,000 of the synthetic generator), and
+# the question the shipped model answers best (see its README).
+EXAMPLE_IMAGE = "example.png"
+EXAMPLE_QUESTION = "Describe the image with object locations."
 
 
 def generated_image(width: int = 96, height: int = 64) -> Image.Image:
@@ -48,18 +34,10 @@ def generated_image(width: int = 96, height: int = 64) -> Image.Image:
     return image
 
 
-def shapes_scene(seed: int = 1_000_000):
-    """A scene of the synthetic shapes task (the first seed of its evaluation range, never used for training) and
-    the task's grounded-caption question, the one the shipped tiny model answers best (see its README)."""
-    from nextchat.training.synthetic import GC_TEMPLATES, render_scene
-
-    image, _ = render_scene(seed)
-    return image, GC_TEMPLATES[0]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a NExT-Chat folder (model + processor); default: the shipped tiny model")
+    parser.add_argument("--model", metavar="DIR_OR_HUB_ID", help="a NExT-Chat folder or Hub repository (model + "
+                        "processor); default: the tiny model shipped in the repository checkout")
     parser.add_argument("--image", help="an image file; default: a generated scene of the shapes task (for the shipped "
                         "model) or a picture of a red square and a blue circle")
     parser.add_argument("--question", help="default: 'Describe the image with object locations.' about the generated "
@@ -70,21 +48,27 @@ def main(argv=None):
 
     from .processing import NextChatProcessor
 
-    folder = args.model or (SHIPPED_MODEL if os.path.isdir(SHIPPED_MODEL) else None)
-    if folder:
-        print(f"loading {folder}")
+    folder = args.model
+    if folder is None:
+        if not os.path.isfile(os.path.join(SHIPPED_MODEL, "config.json")):
+            parser.error(
+                f"no model: the shipped tiny model ({SHIPPED_MODEL}) is only in a checkout of the repository; pass "
+                "`--model DIR_OR_HUB_ID` (a NExT-Chat folder or Hub repository with its processor)"
+            )
+        folder = SHIPPED_MODEL
+    print(f"loading {folder}")
+    try:
         model = NextChatForConditionalGeneration.from_pretrained(folder).eval()
         processor = NextChatProcessor.from_pretrained(folder)
-        random_weights = False
-    else:
-        model, processor = tiny_random_model_and_processor()
-        random_weights = True
-    shipped = bool(folder) and os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL)
+    except OSError as error:  # not a folder, not a reachable Hub repository, or no model / processor files in it
+        parser.error(f"`--model {folder}` could not be loaded: {error}")
+    shipped = os.path.abspath(folder) == os.path.abspath(SHIPPED_MODEL)
     question = "Where is the red square?"
     if args.image:
         image = Image.open(args.image).convert("RGB")
     elif shipped:
-        image, question = shapes_scene()
+        image = Image.open(os.path.join(folder, EXAMPLE_IMAGE)).convert("RGB")
+        question = EXAMPLE_QUESTION
     else:
         image = generated_image()
     question = args.question or question
@@ -92,17 +76,13 @@ def main(argv=None):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": f"<image> {processor.escape_text(question)}"}], add_generation_prompt=True
     )
-    # A random model rarely emits the trigger by itself: end its prompt with `<at>` so that it must give a box.
-    inputs = processor(images=[image], text=[prompt], append_trigger=random_weights)
+    inputs = processor(images=[image], text=[prompt])
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                                 return_dict_in_generate=True)
     result = processor.post_process_generation(output, image_sizes=inputs["image_sizes"])[0]
 
-    if random_weights:
-        print("NOTE: tiny model with RANDOM weights — the boxes below exercise the pipeline, they are not a trained "
-              "answer.")
-    elif shipped:
+    if shipped:
         print("NOTE: a 2.2M-parameter model trained from scratch in under 15 minutes on CPU: it boxes and segments "
               "the object a phrase names (96 times in 100), names the object in a given box (9 in 10) and, when it "
               "describes a scene, finds 9 objects in 10; it still misses or repeats one at times (scores in "

@@ -19,7 +19,6 @@ from .geometry_nextchat import (
 from .image_processing_nextchat import NextChatImageProcessor, NextChatImagesKwargs, to_rgb_image
 from .processing_nextchat import NextChatProcessor, NextChatProcessorKwargs
 from .text_nextchat import VICUNA_V1_1_CHAT_TEMPLATE, VICUNA_V1_1_SYSTEM, escape_text, vicuna_chat_template
-from .tiny import build_tiny_processor, build_tiny_tokenizer
 from .tokenization_nextchat import NextChatLlamaTokenizer
 
 
@@ -36,8 +35,6 @@ __all__ = [
     "boxes_from_square_frame",
     "boxes_to_sam_frame",
     "boxes_to_square_frame",
-    "build_tiny_processor",
-    "build_tiny_tokenizer",
     "draw_grounding",
     "escape_text",
     "expand2square",

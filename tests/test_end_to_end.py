@@ -12,15 +12,15 @@ from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
 from nextchat import NextChatProcessor
-from nextchat.quickstart import tiny_random_model_and_processor
 from test_save_load import BLOCKER
+from tiny_models import tiny_model_and_processor
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_pair(seed=0):
-    model, processor = tiny_random_model_and_processor(seed)
+    model, processor = tiny_model_and_processor(seed)
     return processor, model
 
 
@@ -120,13 +120,33 @@ def _printed_boxes(printed: str) -> list[list[float]]:
     return [[float(v) for v in m.split(",")] for m in re.findall(r"box \[([^\]]+)\]", printed)]
 
 
-def test_quickstart_random_model_when_nothing_is_shipped(tmp_path, capsys, monkeypatch):
+def test_quickstart_without_the_shipped_model_asks_for_one(tmp_path, capsys, monkeypatch):
     from nextchat import quickstart
 
     monkeypatch.setattr(quickstart, "SHIPPED_MODEL", str(tmp_path / "absent"))
-    quickstart.main(["--output", str(tmp_path / "answer.png"), "--max-new-tokens", "4"])
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--output", str(tmp_path / "answer.png")])
+    assert exit_info.value.code == 2
+    assert "pass `--model DIR_OR_HUB_ID`" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--model", str(tmp_path / "empty"), "--output", str(tmp_path / "answer.png")])
+    assert exit_info.value.code == 2
+    assert f"`--model {tmp_path / 'empty'}` could not be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "answer.png").exists()
+
+
+def test_quickstart_runs_the_model_it_is_given(tmp_path, capsys):
+    """`--model FOLDER`: the folder's model answers about the generated picture, drawn enlarged to the PNG."""
+    from nextchat import quickstart
+
+    processor, model = tiny_pair()
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    quickstart.main(["--model", str(tmp_path / "tiny"), "--output", str(tmp_path / "answer.png"),
+                     "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
-    assert "RANDOM weights" in printed and "answer:" in printed and len(_printed_boxes(printed)) >= 1
+    assert "question: Where is the red square?" in printed and "answer:" in printed and "NOTE" not in printed
     assert Image.open(tmp_path / "answer.png").size == (96 * 2, 64 * 2)  # small pictures are drawn enlarged
 
 

@@ -26,9 +26,9 @@ def _base_model_and_processor():
     if (SHIPPED / "config.json").is_file():
         return (NextChatForConditionalGeneration.from_pretrained(str(SHIPPED)).eval(),
                 NextChatProcessor.from_pretrained(str(SHIPPED)))
-    from nextchat.quickstart import tiny_random_model_and_processor
+    from tiny_models import tiny_model_and_processor
 
-    return tiny_random_model_and_processor(seed=3)
+    return tiny_model_and_processor(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def folders(tmp_path_factory):
 
 
 def _inputs(processor):
-    from nextchat.quickstart import shapes_scene
+    from tiny_models import shapes_scene
 
     image, _ = shapes_scene()
     prompt = processor.apply_chat_template(
@@ -157,7 +157,7 @@ def test_loading_errors_name_the_argument(folders, tmp_path):
 def test_chat_cli_answers_the_same_on_the_adapter_and_the_merged_folder(folders, tmp_path, capsys):
     from nextchat.demo import chat_cli
     from nextchat.demo.core import DemoError, load_model
-    from nextchat.quickstart import shapes_scene
+    from tiny_models import shapes_scene
 
     image, question = shapes_scene()
     image_path = tmp_path / "scene.png"
@@ -343,9 +343,9 @@ def test_readme_documents_the_evaluation_data_format(tmp_path):
 def test_adapter_trained_after_adding_tokens_loads(tmp_path):
     """An adapter whose saved embed_tokens / lm_head have more rows than the base (tokens added before LoRA): the
     base is resized first and the saved tables come back exactly."""
-    from nextchat.quickstart import tiny_random_model_and_processor
+    from tiny_models import tiny_model_and_processor
 
-    model, processor = tiny_random_model_and_processor(seed=3)
+    model, processor = tiny_model_and_processor(seed=3)
     base = tmp_path / "base"
     model.save_pretrained(str(base))
     processor.save_pretrained(str(base))

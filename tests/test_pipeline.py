@@ -76,7 +76,7 @@ REMOTE_PIPELINES = textwrap.dedent(
 
 
 def _scene_images(tmp_path):
-    from nextchat.quickstart import shapes_scene
+    from tiny_models import shapes_scene
     from nextchat.training.synthetic import render_scene
 
     a, _ = shapes_scene()

@@ -15,14 +15,14 @@ from nextchat.processing import (
     NextChatImageProcessor,
     NextChatProcessor,
     boxes_to_square_frame,
-    build_tiny_processor,
     draw_grounding,
     escape_text,
     masks_to_sam_frame,
     rle_encode,
 )
 from nextchat.processing.processing_nextchat import VICUNA_V1_1_SYSTEM
-from nextchat.remote_code import REMOTE_CODE_MODULES
+from nextchat.remote_code import REMOTE_CODE_MODULES, flatten_imports
+from tiny_models import tiny_processor
 
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_tiny"
@@ -31,7 +31,7 @@ needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixture 
 
 @pytest.fixture(scope="module")
 def proc():
-    return build_tiny_processor()
+    return tiny_processor()
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +212,30 @@ def test_tiny_processor_matches_its_configured_tokenizer_and_sentencepiece(proc,
         assert out["input_ids"][0].tolist() == reference_ids(segments, sp, proc.special_token_ids, 4)
 
 
-def test_build_tiny_processor_is_deterministic_and_fast():
+def test_tiny_processor_is_deterministic_and_fast():
     import time
 
     start = time.perf_counter()
-    a = build_tiny_processor()
+    a = tiny_processor()
     assert time.perf_counter() - start < 2.0
-    b = build_tiny_processor()
+    b = tiny_processor()
     text = "USER: <image> hello [0] world ASSISTANT:"
     assert a(images=IMG, text=text, boxes=[[0, 0, 5, 5]])["input_ids"].tolist() == b(
         images=IMG, text=text, boxes=[[0, 0, 5, 5]]
     )["input_ids"].tolist()
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+
+
+def test_token_strings_default_to_the_registry_and_an_unknown_one_is_named(proc):
+    from nextchat.configuration.configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS
+
+    vocab = proc.tokenizer.get_vocab()
+    for field, token in NEXTCHAT_SPECIAL_TOKENS.items():
+        assert getattr(proc, field.removesuffix("_id")) == token
+        assert proc.special_token_ids[field] == vocab[token]
+    with pytest.raises(ValueError, match=r"`trigger_token`='<nope>' is not a token of the tokenizer; .* added tokens "
+                       r"<im_patch>, <im_start>, <im_end>, <at>, <boxes>$"):
+        NextChatProcessor(proc.image_processor, proc.tokenizer, image_seq_length=4, trigger_token="<nope>")
 
 
 # ---------------------------------------------------------------------------------------------- control tokens
@@ -704,11 +716,16 @@ def test_fuzz_whole_call(proc, batch, labels, side, truncate):
 # ---------------------------------------------------------------------------------------------- Hub code rule
 
 
-# every processing module the Hub export ships (flat, importing one another as siblings)
+# every processing module the Hub export ships (flat, importing one another as siblings); they may also import the
+# shipped configuration module, `from ..configuration.configuration_nextchat import X`, which the export flattens to
+# `from .configuration_nextchat import X`
 HUB_FILES = sorted(
     name for name, module in REMOTE_CODE_MODULES.items() if module.startswith("nextchat.processing.")
 )
 HUB_SIBLINGS = {name[:-3] for name in HUB_FILES}
+HUB_CONFIGURATION = {
+    name: module for name, module in REMOTE_CODE_MODULES.items() if module.startswith("nextchat.configuration.")
+}
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "numpy", "PIL", "safetensors"}
 
 
@@ -726,28 +743,32 @@ def test_hub_files_follow_the_import_rule():
                     top = alias.name.split(".")[0]
                     assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (name, alias.name)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
+                if node.level == 2:
+                    assert f"nextchat.{node.module}" in HUB_CONFIGURATION.values(), (name, node.module)
+                elif node.level:
                     assert node.level == 1 and node.module in HUB_SIBLINGS, (name, node.module)
                 else:
                     top = node.module.split(".")[0]
                     assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (name, node.module)
-        # transformers' line regex must only see real sibling imports (none hidden in docstrings)
-        found = set(re.findall(r"^\s*from\s+\.(\S+)\s+import", source, flags=re.MULTILINE))
-        assert found <= HUB_SIBLINGS, found
+        # in the exported file, transformers' line regex must only see real sibling imports (none in docstrings)
+        found = set(re.findall(r"^\s*from\s+\.(\S+)\s+import", flatten_imports(source), flags=re.MULTILINE))
+        assert found <= HUB_SIBLINGS | {name[:-3] for name in HUB_CONFIGURATION}, found
 
 
 def test_hub_files_work_flat_without_the_package(tmp_path):
-    """Copied flat into a folder, the processing files import as siblings in a process that cannot import nextchat."""
-    import shutil
+    """Exported flat into a folder (imports flattened as the Hub export does), the processing files and the
+    configuration module they use import as siblings in a process that cannot import nextchat."""
     import subprocess
     import sys
 
-    folder = Path(__file__).resolve().parents[1] / "processing"
+    repo = Path(__file__).resolve().parents[1]
     pkg = tmp_path / "hubcopy"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name in HUB_FILES:
-        shutil.copy(folder / name, pkg / name)
+    sources = {name: repo / "processing" / name for name in HUB_FILES}
+    sources.update({name: repo / "configuration" / name for name in HUB_CONFIGURATION})
+    for name, source in sources.items():
+        (pkg / name).write_text(flatten_imports(source.read_text()))
     script = tmp_path / "check.py"
     script.write_text(
         "import sys\n"

@@ -10,13 +10,14 @@ import PIL.Image
 import pytest
 import torch
 
-from nextchat.processing import NextChatProcessor, build_tiny_processor
+from nextchat.processing import NextChatProcessor
 from nextchat.processing.processing_nextchat import NextChatProcessorKwargs
+from tiny_models import tiny_processor
 
 
 @pytest.fixture(scope="module")
 def proc():
-    return build_tiny_processor()
+    return tiny_processor()
 
 
 def _image(height=30, width=40, seed=0):
@@ -273,7 +274,7 @@ def test_vicuna_template_marks_generation(proc):
 
 @pytest.mark.parametrize("sam", [64, None])
 def test_model_input_names_are_the_call_outputs_the_model_consumes(sam):
-    processor = build_tiny_processor(sam_image_size=sam)
+    processor = tiny_processor(sam_image_size=sam)
     out = processor(images=IMG, text="<image> What is [0]?", boxes=BOXES)
     assert list(out) == processor.model_input_names
     assert list(processor(text=["hi", "<image> b"], images=[None, IMG])) == processor.model_input_names

@@ -11,14 +11,20 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def test_complete_example_runs(tmp_path):
+    """The complete example, on the shipped tiny model, run as from the repository root (its `examples/` linked into
+    a scratch folder, which receives `answer.png`): the model grounds the red circle it is asked about."""
     text = open(README, encoding="utf-8").read()
     section = text.split("## A complete example", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "from_pretrained(folder)" in code and "boxes=" in code
     script = tmp_path / "example.py"
     script.write_text(code)
+    (tmp_path / "examples").symlink_to(os.path.join(os.path.dirname(README), "examples"), target_is_directory=True)
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "answer.png").exists()
+    lines = result.stdout.strip().splitlines()
+    assert "red circle" in lines[0] and any("red circle" in line for line in lines[1:]), result.stdout
 
 
 def test_pipeline_example_runs_without_nextchat(tmp_path):

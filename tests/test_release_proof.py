@@ -112,7 +112,7 @@ def test_shipped_remote_code_is_what_save_pretrained_writes_now(tmp_path):
 
 @needs_shipped
 def test_shipped_model_answers_the_same_through_remote_code(tmp_path):
-    from nextchat.quickstart import shapes_scene
+    from tiny_models import shapes_scene
 
     image, _ = shapes_scene()
     image.save(tmp_path / "scene.png")
@@ -163,3 +163,21 @@ def test_shipped_chat_template_marks_the_assistant_turns():
     labels = processor(text=[text], return_labels=True)["labels"]
     assert torch.equal(torch.as_tensor(out["assistant_masks"]).bool(), labels != -100)
     assert int((labels != -100).sum()) > 4
+
+
+@needs_shipped
+def test_shapes_tokenizer_is_the_shipped_models(tmp_path):
+    """`build_shapes_tokenizer` (what training the shapes model starts from) still gives the shipped tokenizer,
+    byte for byte, with the five NExT-Chat tokens at the ids the shipped config names."""
+    from nextchat import NextChatConfig
+    from nextchat.configuration.configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS
+    from nextchat.training.synthetic import build_shapes_tokenizer
+
+    tokenizer = build_shapes_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (SHIPPED / "tokenizer.json").read_bytes()
+    shipped_settings = json.loads((SHIPPED / "tokenizer_config.json").read_text())
+    shipped_settings.pop("processor_class")  # written by the processor's save_pretrained
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == shipped_settings
+    vocab, config = tokenizer.get_vocab(), NextChatConfig.from_pretrained(SHIPPED)
+    assert {field: vocab[token] for field, token in NEXTCHAT_SPECIAL_TOKENS.items()} == config.special_token_ids

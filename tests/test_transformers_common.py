@@ -27,7 +27,8 @@ except CommonTestsUnavailable as error:
     pytest.skip(f"transformers' common tests are unavailable: {error}", allow_module_level=True)
 
 from nextchat import NextChatConfig, NextChatForConditionalGeneration, NextChatModel, NextChatProcessor  # noqa: E402
-from nextchat.processing import NextChatImageProcessor, build_tiny_tokenizer  # noqa: E402
+from nextchat.processing import NextChatImageProcessor  # noqa: E402
+from tiny_models import tiny_tokenizer  # noqa: E402
 
 
 ModelTesterMixin = test_modeling_common.ModelTesterMixin
@@ -313,7 +314,7 @@ class NextChatProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_tokenizer(cls):
-        return build_tiny_tokenizer()
+        return tiny_tokenizer()
 
     @classmethod
     def _setup_image_processor(cls):

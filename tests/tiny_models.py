@@ -3,6 +3,7 @@
 import torch
 
 from nextchat import NextChatConfig, NextChatForConditionalGeneration
+from nextchat.processing import VICUNA_V1_1_SYSTEM, NextChatImageProcessor, NextChatProcessor
 
 
 VOCAB = 64
@@ -82,35 +83,73 @@ def pad_boxes(boxes_per_row: list[list[list[float]]]):
     return box_inputs, mask
 
 
-def naive_region_feature(image_features: torch.Tensor, box, grid: int = 7) -> torch.Tensor:
-    """Loop reference of `box_region_features`: the mean over the centres of a grid x grid partition of the box
-    (clamped into [0, 1]) of the bilinear interpolation of `image_features` `(N, hidden)`, a row-major side x side
-    grid whose feature (i, j) sits at the centre of patch (i, j), clamped to the outer centres at the border."""
-    side = int(round(len(image_features) ** 0.5))
-    x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
-    x0, x1 = min(x0, x1), max(x0, x1)
-    y0, y1 = min(y0, y1), max(y0, y1)
-    total = torch.zeros(image_features.shape[1])
-    for a in range(grid):
-        for c in range(grid):
-            x = x0 + (c + 0.5) / grid * (x1 - x0)
-            y = y0 + (a + 0.5) / grid * (y1 - y0)
-            u = min(max(x * side - 0.5, 0.0), side - 1.0)  # column coordinate in patch-centre units
-            v = min(max(y * side - 0.5, 0.0), side - 1.0)
-            j0, i0 = int(u), int(v)
-            j1, i1 = min(j0 + 1, side - 1), min(i0 + 1, side - 1)
-            fu, fv = u - j0, v - i0
-            at = lambda i, j: image_features[i * side + j]  # noqa: E731
-            total += ((1 - fv) * ((1 - fu) * at(i0, j0) + fu * at(i0, j1))
-                      + fv * ((1 - fu) * at(i1, j0) + fu * at(i1, j1)))
-    return total / grid**2
+def naive_box_embedding(model, box) -> torch.Tensor:
+    """What a `<boxes>` slot is fed: `loc_encoder(box)`."""
+    return model.model.loc_encoder(torch.as_tensor(box, dtype=torch.float32))
 
 
-def naive_box_embedding(model, box, image_features=None) -> torch.Tensor:
-    """What a `<boxes>` slot is fed: `loc_encoder(box)`, plus with `box_region_features` the region feature of
-    `image_features` `(N, hidden)` (the box's image; `None`: no image, no region feature)."""
-    box = torch.as_tensor(box, dtype=torch.float32)
-    embedding = model.model.loc_encoder(box)
-    if model.config.box_region_features and image_features is not None:
-        embedding = embedding + naive_region_feature(image_features, box)
-    return embedding
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny real processor (offline tokenizer + image processor) and the tiny model sized for it
+# ----------------------------------------------------------------------------------------------------------------
+
+# The sentences the tiny tokenizer is trained on (the tests compare encodings against it: changing them changes ids).
+TINY_CORPUS = [
+    VICUNA_V1_1_SYSTEM,
+    "USER: Where is the dog in the image? ASSISTANT: Answer: the dog is here.",
+    "USER: What is region [0]? ASSISTANT: A man riding a horse on the beach.",
+    "Can you describe the image and include object locations? A woman with a red umbrella walks a small dog.",
+    "Please mention related object locations. The cat sits on the sofa next to two children and a ball.",
+    "The answer is yes. So the answer is no. There are 3 people, 12 cars and 2024 trees in this picture.",
+    "Please locate the person on the left, the car behind the tree, and the bird above the house.",
+    "What color is the shirt of the boy? It is blue. Which object is bigger: the table or the chair?",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()[]{}<>/\\-_+=*&^%$#@~`|",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A tiny LLaMA tokenizer trained offline on `TINY_CORPUS` (deterministic), with the five NExT-Chat tokens."""
+    from nextchat.training.tokenizer import train_llama_tokenizer
+
+    return train_llama_tokenizer(TINY_CORPUS * 4, vocab_size)
+
+
+def tiny_processor(image_size: int = IMAGE_SIZE, sam_image_size: int | None = SAM_SIZE, patch_size: int = 14):
+    """A complete tiny `NextChatProcessor`: `tiny_tokenizer` and an image processor with CLIP size `image_size` and
+    SAM size `sam_image_size` (`None`: box-only); `image_seq_length = (image_size // patch_size) ** 2`."""
+    image_processor = NextChatImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        sam_image_size=sam_image_size,
+    )
+    return NextChatProcessor(image_processor, tiny_tokenizer(), image_seq_length=(image_size // patch_size) ** 2)
+
+
+def config_overrides_for(processor) -> dict:
+    """The `tiny_config` / `tiny_model` overrides that fit it to a real processor: the tokenizer's vocabulary and
+    bos / eos / pad ids, and the five NExT-Chat token ids."""
+    tokenizer = processor.tokenizer
+    text_config = tiny_config(sam=False).text_config
+    text_config.vocab_size = len(tokenizer)
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    text_config.pad_token_id = tokenizer.pad_token_id
+    if processor.image_seq_length != NUM_IMAGE_TOKENS:
+        raise ValueError(
+            f"`processor` has image_seq_length={processor.image_seq_length}; the tiny model's vision tower gives "
+            f"{NUM_IMAGE_TOKENS} (image size {IMAGE_SIZE}, patch 14)"
+        )
+    return dict(text_config=text_config, **processor.special_token_ids)
+
+
+def tiny_model_and_processor(seed: int = 0, sam: bool = True):
+    """`tiny_model` (random weights) with `tiny_processor` (SAM size `SAM_SIZE`, or box-only without SAM)."""
+    processor = tiny_processor(sam_image_size=SAM_SIZE if sam else None)
+    return tiny_model(sam=sam, seed=seed, **config_overrides_for(processor)), processor
+
+
+def shapes_scene(seed: int = 1_000_000):
+    """A scene of the synthetic shapes task (by default the first seed of its evaluation range, never used for
+    training: the shipped folder's `example.png`) and the grounded-caption question."""
+    from nextchat.training.synthetic import GC_TEMPLATES, render_scene
+
+    image, _ = render_scene(seed)
+    return image, GC_TEMPLATES[0]

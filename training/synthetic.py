@@ -398,36 +398,9 @@ def task_corpus() -> list[str]:
 def build_shapes_tokenizer(vocab_size: int = 640):
     """A small LLaMA tokenizer (SentencePiece BPE with byte fallback, so any text encodes) whose merges cover the
     shapes vocabulary, with the five NExT-Chat tokens added after the base vocabulary. Deterministic."""
-    import io
-    import tempfile
+    from .tokenizer import train_llama_tokenizer
 
-    import sentencepiece as spm
-    from tokenizers import AddedToken
-    from transformers import LlamaTokenizer
-
-    from nextchat.processing.tiny import NEXTCHAT_ADDED_TOKENS
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(task_corpus() * 4), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, split_by_whitespace=True, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-            f.write(model.getvalue())
-        config = {
-            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
-            "padding_side": "right", "model_max_length": 2048, "clean_up_tokenization_spaces": False,
-        }
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f)
-        tokenizer = LlamaTokenizer.from_pretrained(tmp)
-    tokenizer.add_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False) for t in NEXTCHAT_ADDED_TOKENS])
-    return tokenizer
+    return train_llama_tokenizer(task_corpus() * 4, vocab_size)
 
 
 def build_shapes_processor(image_size: int = 64, patch_size: int = 8, sam_image_size: int | None = 64,
