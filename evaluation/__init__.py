@@ -2,7 +2,7 @@
 ``nextchat-eval`` command. See :mod:`nextchat.evaluation.runners` for the protocol and
 :mod:`nextchat.evaluation.data` for the annotation formats."""
 
-from .data import EvalSample, decode_mask, load_samples
+from .data import AnnotationError, EvalSample, decode_mask, load_samples
 from .metrics import (
     box_iou,
     caption_metrics,
@@ -26,10 +26,12 @@ from .runners import (
     evaluate_reg,
     evaluate_res,
     format_results_table,
+    prepare_run,
 )
 
 
 __all__ = [
+    "AnnotationError",
     "DEFAULT_TEMPLATES",
     "EvalSample",
     "FastRecWarning",
@@ -52,6 +54,7 @@ __all__ = [
     "paper_results",
     "parse_pope_answer",
     "pope_metrics",
+    "prepare_run",
     "rec_metrics",
     "rec_metrics_from_ious",
     "res_metrics",

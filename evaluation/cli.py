@@ -11,6 +11,18 @@ captioning); the annotation format is in the README ("Evaluation data format") a
 ``OUTPUT/predictions.jsonl`` as they come; running the same command again resumes where it stopped. The metrics and
 the paper's number for the split go to ``OUTPUT/results.json`` (and are printed). ``summary`` prints a Markdown
 table of the ``results.json`` of several output folders.
+
+The annotation file, the images and the output folder are checked before the model loads: a missing, empty or
+malformed file (reported as ``file:line``), missing images, or an output folder holding predictions of a different
+run (other file contents, images, model or settings; ``--overwrite`` discards them) exit with status 2.
+
+Data parallel, on one or several machines (the output folder must be shared)::
+
+    torchrun --nproc_per_node 8 -m nextchat.evaluation.cli TASK --model DIR ... --output DIR
+    accelerate launch --multi_gpu --num_processes 8 -m nextchat.evaluation.cli TASK --model DIR ... --output DIR
+
+Process ``r`` of ``n`` runs every ``n``-th batch into its own resumable ``predictions.rank{r}-of-{n}.jsonl``;
+rank 0 merges them into ``predictions.jsonl`` and scores. The files equal a single-process run's byte for byte.
 """
 
 from __future__ import annotations
@@ -79,8 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="auto: bfloat16 on CUDA (as the original evaluation), float32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard earlier predictions in --output (without it, a folder holding predictions of a "
+                        "different run -- other annotation file contents, images, model or settings -- is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=float, default=720.0, metavar="MINUTES",
+                        help="data-parallel runs (torchrun / accelerate launch): how long a process waits for the "
+                        "others at the end (default 720; a resumed rank may have much more left than the others)")
+    # test hook: process RANK exits (code 17, like a killed process) after BATCHES written batches
+    parser.add_argument("--debug-exit-after", default=None, metavar="RANK:BATCHES", help=argparse.SUPPRESS)
     return parser
 
 
@@ -115,17 +134,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast_rec_check < 0:
         _parser().error("--fast-rec-check must be >= 0")
 
+    exit_after = None
+    if args.debug_exit_after is not None:
+        try:
+            exit_after = tuple(int(v) for v in args.debug_exit_after.split(":"))
+        except ValueError:
+            exit_after = ()
+        if len(exit_after) != 2:
+            _parser().error("--debug-exit-after takes RANK:BATCHES")
+
     import torch
 
-    from nextchat.loading import LoadingError, load_pretrained
+    from .runners import FastRecWarning, evaluate, format_results_table, model_fingerprint, prepare_run
 
-    from .runners import FastRecWarning, evaluate, format_results_table
-
+    # torchrun and `accelerate launch` set these; a plain run has none of them and stays one process
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world_size > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"
     if args.dtype == "auto":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
+
+    # everything that can be wrong with the data or the output folder is reported before the model loads
+    try:
+        fingerprint = model_fingerprint(args.model, args.base_model, args.processor)
+        prepare_run(args.task, **_run_kwargs(args), model_fingerprint=fingerprint,
+                    dtype=str(dtype).replace("torch.", ""), device=torch.device(device).type)
+    except (ValueError, OSError) as err:
+        print(f"nextchat-eval: error: {err}", file=sys.stderr)
+        return 2
+
+    own_group = False
+    if world_size > 1 and not torch.distributed.is_initialized():
+        import datetime
+
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
+        # The group only carries barriers (no tensors), so gloo on GPUs too: NCCL's watchdog would abort a rank
+        # that waits long at the final barrier for a resumed rank with more work left.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
+        own_group = True
+    if world_size > 1 and rank == 0:
+        print(f"nextchat-eval: data parallel over {world_size} processes: rank r runs every {world_size}th batch "
+              f"into {args.output}/predictions.rank<r>-of-{world_size}.jsonl; rank 0 merges", file=sys.stderr)
+
+    from nextchat.loading import LoadingError, load_pretrained
+
     try:
         model, processor = load_pretrained(args.model, device=device, dtype=dtype, base_model=args.base_model,
                                            processor=args.processor)
@@ -134,24 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FastRecWarning)  # printed below from results["warnings"]
-        results = _evaluate(evaluate, args, model, processor)
-    for message in results.get("warnings", []):
-        print(f"nextchat-eval: warning: {message}", file=sys.stderr)
-    print(json.dumps(results["metrics"], indent=2, sort_keys=True))
-    print(format_results_table([results]))
-    for message in results.get("warnings", []):
-        print(f"WARNING: {message}")
+        results = evaluate(
+            args.task, model, processor, **_run_kwargs(args), model_fingerprint=fingerprint,
+            caption_tokenizer=args.caption_tokenizer, meteor=False if args.no_meteor else None,
+            progress=not args.no_progress,
+            _exit_after_batches=exit_after[1] if exit_after and exit_after[0] == rank else None,
+        )
+    if rank == 0:
+        for message in results.get("warnings", []):
+            print(f"nextchat-eval: warning: {message}", file=sys.stderr)
+        print(json.dumps(results["metrics"], indent=2, sort_keys=True))
+        print(format_results_table([results]))
+        for message in results.get("warnings", []):
+            print(f"WARNING: {message}")
+    if own_group:
+        torch.distributed.destroy_process_group()
+        # skip the interpreter's C++ teardown: a gloo process may abort in static destructors after all work is
+        # done ("terminate called without an active exception"), turning a finished run into a failed one
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
-def _evaluate(evaluate, args, model, processor) -> dict:
-    return evaluate(
-        args.task,
-        model,
-        processor,
-        args.data,
-        args.output,
-        args.images,
+def _run_kwargs(args) -> dict:
+    """The arguments :func:`~nextchat.evaluation.runners.prepare_run` and ``evaluate`` share."""
+    return dict(
+        data=args.data,
+        output_dir=args.output,
+        images_dir=args.images,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         fast_rec=args.fast_rec,
@@ -161,9 +230,6 @@ def _evaluate(evaluate, args, model, processor) -> dict:
         bbox_format=args.bbox_format,
         expressions=args.expressions,
         res_multi_trigger=args.res_multi_trigger,
-        caption_tokenizer=args.caption_tokenizer,
-        meteor=False if args.no_meteor else None,
-        progress=not args.no_progress,
         overwrite=args.overwrite,
         model_name=os.path.basename(os.path.normpath(args.model)),
         masks_dir=args.masks,

@@ -37,6 +37,7 @@ assistant turn (region caption). Images there are relative to the JSONL's folder
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -73,26 +74,56 @@ class EvalSample:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_records(path: str) -> list[dict]:
-    """JSON lines (blank lines ignored) or a single JSON list of objects."""
+class AnnotationError(ValueError):
+    """An annotation file that cannot be evaluated: missing, empty, or with a malformed line (the message names the
+    file and line)."""
+
+
+def read_records_with_lines(path: str) -> list[tuple[int | None, dict]]:
+    """``(line number, record)`` pairs of a JSON-lines file (blank lines ignored; numbers 1-based) or of a single
+    JSON list (line numbers ``None``). Raises :class:`AnnotationError` naming ``path:line`` for a line that is not
+    a JSON object, and for a file without any record (empty, only blank lines, or ``[]``)."""
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
     with open(path, encoding="utf-8") as f:
-        text = f.read()
+        try:
+            text = f.read()
+        except UnicodeDecodeError as err:
+            raise AnnotationError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     stripped = text.lstrip()
     if stripped.startswith("["):
-        records = json.loads(stripped)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(values, list):
+            raise AnnotationError(f"{path}: expected JSON lines or one JSON list of objects")
+        records = []
+        for i, record in enumerate(values):
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{path}: list item {i} is not a JSON object but {type(record).__name__}")
+            records.append((None, record))
     else:
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {i} is not a JSON object")
+                raise AnnotationError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{path}:{number}: not a JSON object but {type(record).__name__}")
+            records.append((number, record))
+    if not records:
+        what = "an empty list" if stripped.startswith("[") else "only blank lines" if text else "empty"
+        raise AnnotationError(f"{path}: no annotations (the file is {what})")
     return records
+
+
+def read_records(path: str) -> list[dict]:
+    """JSON lines (blank lines ignored) or a single JSON list of objects (see :func:`read_records_with_lines`)."""
+    return [record for _, record in read_records_with_lines(path)]
 
 
 def _first(record: dict, names: tuple[str, ...], where: str, required: bool = True):
@@ -100,7 +131,7 @@ def _first(record: dict, names: tuple[str, ...], where: str, required: bool = Tr
         if record.get(name) is not None:
             return record[name]
     if required:
-        raise ValueError(f"{where} has none of the fields {list(names)}")
+        raise ValueError(f"{where}: has none of the fields {list(names)}")
     return None
 
 
@@ -111,12 +142,14 @@ def _box(record: dict, where: str, bbox_format: str) -> list[float]:
         box = [float(v) for v in box]
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: `bbox` must be 4 numbers, got {box!r}") from err
-    if len(box) != 4:
-        raise ValueError(f"{where}: `bbox` must be 4 numbers, got {box!r}")
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{where}: `bbox` must be 4 finite numbers, got {box!r}")
     if fmt == "xywh":
         box = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
     elif fmt != "xyxy":
         raise ValueError(f"{where}: bbox_format must be 'xyxy' or 'xywh', got {fmt!r}")
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"{where}: `bbox` {box!r} ({fmt}) has x2 < x1 or y2 < y1")
     return box
 
 
@@ -149,28 +182,49 @@ def is_synthetic(records: list[dict]) -> bool:
 
 
 def load_samples(task: str, path: str, bbox_format: str = "xyxy", expressions: str = "all") -> list[EvalSample]:
-    """Read the annotation file ``path`` for ``task`` (``rec``, ``res``, ``pope`` or ``reg``)."""
+    """Read the annotation file ``path`` for ``task`` (``rec``, ``res``, ``pope`` or ``reg``).
+
+    Raises :class:`AnnotationError` (a ``ValueError``) naming ``path:line`` for a missing or empty file, a line that
+    is not a JSON object or lacks a field the task needs, and for a file that holds no sample of ``task``."""
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
     if expressions not in ("all", "first"):
         raise ValueError(f"`expressions` must be 'all' or 'first', got {expressions!r}")
-    records = read_records(path)
+    numbered = read_records_with_lines(path)
+    records = [record for _, record in numbered]
+    where_of = {}
     if is_synthetic(records):
-        samples = synthetic_samples(task, records)
+        try:
+            samples = synthetic_samples(task, records)
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise AnnotationError(f"{path}: not a valid synthetic shapes file for {task} ({err!r})") from err
     else:
         samples = []
-        for index, record in enumerate(records):
-            samples.extend(_samples_of_record(task, record, index, bbox_format, expressions, path))
-    seen = set()
+        for index, (line, record) in enumerate(numbered):
+            where = f"{path}:{line}" if line is not None else f"{path}: list item {index}"
+            try:
+                new = _samples_of_record(task, record, index, bbox_format, expressions, where)
+            except AnnotationError:
+                raise
+            except ValueError as err:
+                raise AnnotationError(str(err)) from err
+            for sample in new:
+                where_of[sample.id] = where
+            samples.extend(new)
+    if not samples:
+        raise AnnotationError(f"{path}: no {task} samples in its {len(records)} records")
+    seen = {}
     for sample in samples:
         if sample.id in seen:
-            raise ValueError(f"{path}: the sample id {sample.id!r} appears twice; ids must be unique")
-        seen.add(sample.id)
+            raise AnnotationError(
+                f"{where_of.get(sample.id, path)}: the sample id {sample.id!r} appears twice (first at "
+                f"{seen[sample.id]}); ids must be unique"
+            )
+        seen[sample.id] = where_of.get(sample.id, path)
     return samples
 
 
-def _samples_of_record(task, record, index, bbox_format, expressions, path) -> list[EvalSample]:
-    where = f"{os.path.basename(path)} record {index}"
+def _samples_of_record(task, record, index, bbox_format, expressions, where) -> list[EvalSample]:
     sample_id = _record_id(record, index)
     image = _first(record, ("img_path", "image", "file_name", "image_path"), where)
     height = record.get("height")
@@ -263,6 +317,28 @@ def resolve_path(name: str, *folders: str | None) -> str:
     raise FileNotFoundError(f"image {name!r} not found (looked in {candidates or ['(no folder given)']})")
 
 
+def resolve_images(samples, images_dir: str | None, data_dir: str | None, shown: int = 5) -> dict[str, str]:
+    """The path of every distinct image of ``samples`` (name -> path), checked up front: raises
+    ``FileNotFoundError`` listing the first ``shown`` missing images and how many are missing."""
+    paths, missing = {}, []
+    for sample in samples:
+        if sample.image in paths:
+            continue
+        try:
+            paths[sample.image] = resolve_path(sample.image, images_dir, data_dir)
+        except FileNotFoundError:
+            paths[sample.image] = None
+            missing.append(sample.image)
+    if missing:
+        folders = [d for d in (images_dir, data_dir) if d]
+        listed = ", ".join(repr(m) for m in missing[:shown]) + (", ..." if len(missing) > shown else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} images of the annotations not found (looked in "
+            f"{' and '.join(folders) or '(no folder given)'}): {listed}"
+        )
+    return paths
+
+
 def load_image(name: str, images_dir: str | None, data_dir: str | None) -> PIL.Image.Image:
     with PIL.Image.open(resolve_path(name, images_dir, data_dir)) as img:
         return img.convert("RGB")
@@ -321,6 +397,7 @@ def _polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> n
 
 
 __all__ = [
+    "AnnotationError",
     "EvalSample",
     "TASKS",
     "decode_mask",
@@ -328,6 +405,8 @@ __all__ = [
     "load_image",
     "load_samples",
     "read_records",
+    "read_records_with_lines",
+    "resolve_images",
     "resolve_path",
     "synthetic_samples",
 ]

@@ -4,11 +4,16 @@
 into ``output_dir``:
 
 * ``predictions.jsonl`` -- one JSON object per sample, appended (and flushed) batch by batch as predictions come.
-  A restarted run reads it, skips the ids already there (a torn last line from a killed run is dropped) and goes
-  on; the final metrics are computed from this file in the order of the annotation file, so an interrupted and
-  resumed run writes the same ``results.json`` as an uninterrupted one.
-* ``run_config.json`` -- the settings that change predictions (task, data file, model, prompts, generation
-  settings). Resuming with different settings is refused (``overwrite=True`` starts afresh).
+  A restarted run reads it, skips the batches already there (a torn last line from a killed run is dropped) and
+  goes on; batches are cut from the annotation file in order and always run whole, and the file is rewritten in
+  annotation order at the end, so an interrupted and resumed run writes the same files as an uninterrupted one.
+  In a data-parallel run (``torchrun`` / ``accelerate launch``, see :func:`evaluate`) each process appends to its
+  own ``predictions.rank{r}-of-{n}.jsonl`` and rank 0 merges them into ``predictions.jsonl``.
+* ``run_config.json`` -- what identifies the run: the annotation file's sha256, the image folder and the names and
+  sizes of its images used, the model (and a fingerprint of its files), dtype and device type, prompts, generation
+  settings and batch size. Resuming with anything different is refused, naming what differs (``overwrite=True`` /
+  ``--overwrite`` starts afresh). :func:`prepare_run` does this check, and those of the annotations and images,
+  before any model runs.
 * ``results.json`` -- the metrics, the paper's number for the split (:mod:`nextchat.evaluation.paper`) and
   ``comparison`` rows ``{"metric", "ours", "paper", "delta"}`` in percent. No timestamps (reproducible file).
 
@@ -41,8 +46,10 @@ REC has two modes:
 Every prediction record holds the prompt actually used (``user_prompt``, ``prompt_source``, ``prompt``) and
 ``results["settings"]["prompts"]`` summarises them (:func:`prompt_summary`).
 
-Metrics (:mod:`nextchat.evaluation.metrics`): REC IoU in the padded-square normalised frame with the raw box (as the
-original, unclipped; equal to pixel IoU for boxes inside the image); RES I/U per sample between the predicted mask
+Metrics (:mod:`nextchat.evaluation.metrics`): REC IoU in the padded-square normalised frame between the raw predicted
+box (as the original, unclipped) and the ground-truth box clipped to the image -- one clipping convention, and
+``gt_box`` in ``predictions.jsonl`` is the clipped box the IoU used (:data:`GT_BOX_CONVENTION`; region-captioning
+input boxes are clipped the same way and stored as fed); RES I/U per sample between the predicted mask
 (SAM logits > 0 at the original resolution) and the ground truth -- no ``<at>`` is a failure with an empty mask
 and several ``<at>`` an empty mask (``"unmatched"``), as in the original (``res_multi_trigger="first"`` uses the
 first one instead); POPE the original's answer parsing; region captions lower-cased, CIDEr / METEOR.
@@ -50,16 +57,19 @@ first one instead); POPE the original's answer parsing; region captions lower-ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import warnings
 import zlib
+from dataclasses import asdict, dataclass
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .data import TASKS, EvalSample, decode_mask, load_image, load_samples
+from .data import TASKS, EvalSample, decode_mask, load_image, load_samples, resolve_images
 from .metrics import (
     box_iou,
     caption_metrics,
@@ -85,6 +95,14 @@ DEFAULT_ANSWER_PREFIX = "Answer:"
 PREDICTIONS_FILE = "predictions.jsonl"
 RESULTS_FILE = "results.json"
 RUN_CONFIG_FILE = "run_config.json"
+SHARD_FILE = "predictions.rank{rank}-of-{world_size}.jsonl"
+_SHARD_RE = re.compile(r"^predictions\.rank\d+-of-\d+\.jsonl$")
+RUN_CONFIG_VERSION = 2
+GT_BOX_CONVENTION = (
+    "ground-truth boxes are clipped to the image ([0, width] x [0, height] pixels) and stored clipped (gt_box; "
+    "the annotation's box as gt_box_annotation where clipping changed it); REC IoU = IoU in the padded-square "
+    "normalised frame between the raw predicted box (pred_box_normalized) and the clipped ground truth"
+)
 
 # metric in results["metrics"] -> (paper key, factor to percent)
 _COMPARED = {
@@ -202,13 +220,15 @@ def prompt_summary(task: str, samples: Sequence[EvalSample], templates: list[str
 
 
 class PredictionStore:
-    """``predictions.jsonl``: records keyed by ``id``; appended batch by batch and flushed to disk.
+    """A prediction file (``predictions.jsonl`` or one rank's shard): records keyed by ``id``; appended batch by
+    batch and flushed to disk.
 
-    On opening, lines that do not parse (the torn tail of a killed run) are dropped and the file is rewritten
-    without them before anything is appended."""
+    On opening, lines that do not parse (the torn tail of a killed run) are dropped and, unless ``read_only``, the
+    file is rewritten without them before anything is appended."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, read_only: bool = False):
         self.path = path
+        self.read_only = read_only
         self.records: dict[str, dict] = {}
         if os.path.exists(path):
             good, bad = [], 0
@@ -226,7 +246,7 @@ class PredictionStore:
                         continue
                     good.append(line)
                     self.records[str(record["id"])] = record
-            if bad:
+            if bad and not read_only:
                 tmp = path + ".tmp"
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.writelines(good)
@@ -236,12 +256,39 @@ class PredictionStore:
         return sample_id in self.records
 
     def append(self, records: list[dict]) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.path} was opened read-only")
         with open(self.path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
                 self.records[str(record["id"])] = record
             f.flush()
             os.fsync(f.fileno())
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    """The prediction shard of one process of a data-parallel run: ``predictions.rank{r}-of-{n}.jsonl``."""
+    return SHARD_FILE.format(rank=rank, world_size=world_size)
+
+
+def prediction_files(output_dir: str) -> list[str]:
+    """The prediction files in ``output_dir``: ``predictions.jsonl`` and the shards of data-parallel runs (any
+    world size), in a fixed order."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(n for n in os.listdir(output_dir) if _SHARD_RE.match(n))
+    if os.path.exists(os.path.join(output_dir, PREDICTIONS_FILE)):
+        names.insert(0, PREDICTIONS_FILE)
+    return [os.path.join(output_dir, n) for n in names]
+
+
+def read_predictions(output_dir: str) -> dict[str, dict]:
+    """Every prediction record of ``output_dir`` (merged file and shards, read-only), keyed by sample id."""
+    records = {}
+    for path in prediction_files(output_dir):
+        for key, record in PredictionStore(path, read_only=True).records.items():
+            records.setdefault(key, record)
+    return records
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,10 +309,19 @@ def _to_model(inputs: dict, model) -> dict:
     return out
 
 
+def clip_box_to_image(box, size) -> list[float]:
+    """A pixel xyxy box clipped to the image ``size = (height, width)``: the one clipping convention of the
+    runners (ground-truth REC boxes, region-captioning input boxes), stored as used."""
+    height, width = float(size[0]), float(size[1])
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+
+
 def _gt_box_normalized(box, size) -> list[float]:
+    """A pixel box already clipped to the image -> the padded-square normalised frame (then within [0, 1])."""
     from nextchat.processing import boxes_to_square_frame
 
-    return np.clip(boxes_to_square_frame(np.asarray(box, dtype=np.float64), size), 0.0, 1.0)[0].tolist()
+    return boxes_to_square_frame(np.asarray(box, dtype=np.float64), size)[0].tolist()
 
 
 def _pixel_box(raw, size) -> list[float]:
@@ -298,7 +354,9 @@ class _Runner:
         images = [load_image(s.image, self.images_dir, self.data_dir) for s in samples]
         texts = [build_prompt(self.task, s, self.processor, self.templates, self.fast, self.answer_prefix)
                  for s in samples]
-        boxes = [[s.bbox] for s in samples] if self.task == "reg" else None
+        boxes = None
+        if self.task == "reg":
+            boxes = [[clip_box_to_image(s.bbox, (img.height, img.width))] for s, img in zip(samples, images)]
         inputs = self.processor(
             images=images,
             text=texts,
@@ -370,14 +428,18 @@ class _Runner:
             texts = [p["text"] for p in post]
             counts = [len(p["entities"]) for p in post]
         for s, size, raw, text, count in zip(samples, sizes, boxes, texts, counts):
-            gt_norm = _gt_box_normalized(s.bbox, size)
+            gt_box = clip_box_to_image(s.bbox, size)
+            gt_norm = _gt_box_normalized(gt_box, size)
             iou = 0.0 if raw is None else float(box_iou(np.asarray(raw, dtype=np.float64), gt_norm)[0])
-            records.append({
-                "id": s.id, "image": s.image, "expression": s.expression, "gt_box": s.bbox,
-                "pred_box": None if raw is None else _pixel_box(raw, size),
+            record = {
+                "id": s.id, "image": s.image, "image_size": list(size), "expression": s.expression,
+                "gt_box": gt_box, "pred_box": None if raw is None else _pixel_box(raw, size),
                 "pred_box_normalized": None if raw is None else [float(v) for v in raw],
                 "iou": iou, "n_triggers": count, "text": text,
-            })
+            }
+            if gt_box != [float(v) for v in s.bbox]:
+                record["gt_box_annotation"] = s.bbox
+            records.append(record)
         return records
 
     def _predict_res(self, samples, inputs, sizes):
@@ -429,11 +491,15 @@ class _Runner:
 
     def _predict_reg(self, samples, inputs, sizes):
         post = self.processor.post_process_generation(self.generate(inputs), image_sizes=sizes)
-        return [
-            {"id": s.id, "image": s.image, "bbox": s.bbox, "text": p["text"], "prediction": extract_caption(p["text"]),
-             "references": s.references}
-            for s, p in zip(samples, post)
-        ]
+        records = []
+        for s, p, size in zip(samples, post, sizes):
+            box = clip_box_to_image(s.bbox, size)
+            record = {"id": s.id, "image": s.image, "image_size": list(size), "bbox": box, "text": p["text"],
+                      "prediction": extract_caption(p["text"]), "references": s.references}
+            if box != [float(v) for v in s.bbox]:
+                record["bbox_annotation"] = s.bbox
+            records.append(record)
+        return records
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -575,6 +641,217 @@ def _jsonable(value):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Run identity (what resuming must match) and data-parallel helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sampled_sha256(path: str, chunks: int = 8, chunk_size: int = 1 << 16) -> str:
+    """sha256 of a file's size and ``chunks`` evenly spaced blocks: a cheap fingerprint of multi-GB weights."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(chunks):
+            f.seek(max(0, (size - chunk_size) * k // max(1, chunks - 1)))
+            digest.update(f.read(chunk_size))
+    return digest.hexdigest()
+
+
+def model_fingerprint(*sources: str | None) -> str | None:
+    """A fingerprint of model / processor sources (folders or Hub ids) for the resume check: per local folder its
+    absolute path, the sha256 of its small files (configs, tokenizer) and a sampled sha256 of its large ones
+    (weights, :func:`_sampled_sha256`); a Hub id as it is."""
+    parts = []
+    for source in sources:
+        if not source:
+            continue
+        if not os.path.isdir(source):
+            parts.append(f"hub:{source}")
+            continue
+        parts.append(f"dir:{os.path.abspath(source)}")
+        for name in sorted(os.listdir(source)):
+            path = os.path.join(source, name)
+            if not os.path.isfile(path):
+                continue
+            small = os.path.getsize(path) <= (4 << 20)
+            parts.append(f"{name}\t{_sha256_file(path) if small else _sampled_sha256(path)}")
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest() if parts else None
+
+
+def _samples_sha256(samples: Sequence[EvalSample]) -> str:
+    text = json.dumps([_jsonable(asdict(s)) for s in samples], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _images_fingerprint(image_paths: dict[str, str]) -> str:
+    """sha256 of the sorted (annotation name, file size) of the images used: catches a different or re-encoded
+    image set cheaply (image contents are not read)."""
+    lines = sorted(f"{name}\t{os.path.getsize(path)}" for name, path in image_paths.items())
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class RunPlan:
+    """What :func:`prepare_run` checked and decided: the samples (all and selected), prompts, and the
+    ``run_config`` that identifies the run (stored as ``run_config.json``; resuming requires the same)."""
+
+    task: str
+    samples: list[EvalSample]
+    selected: list[EvalSample]
+    data_path: str | None
+    data_dir: str | None
+    split: str | None
+    templates: list[str]
+    fast: bool
+    max_new_tokens: int
+    run_config: dict
+
+
+def prepare_run(
+    task: str,
+    data: str | Sequence[EvalSample],
+    output_dir: str,
+    images_dir: str | None = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    fast_rec: bool = False,
+    template: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    bbox_format: str = "xyxy",
+    expressions: str = "all",
+    res_multi_trigger: str = "zero",
+    generate_kwargs: dict | None = None,
+    overwrite: bool = False,
+    model_name: str = "",
+    model_fingerprint: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    masks_dir: str | None = None,
+    answer_prefix: str | None = None,
+    fast_rec_check_samples: int = 8,
+) -> RunPlan:
+    """Everything :func:`evaluate` checks before it runs a model, without writing anything: the arguments, the
+    annotation file (:func:`~nextchat.evaluation.data.load_samples`: missing, empty or malformed files are
+    refused naming ``file:line``), that every image exists, and -- unless ``overwrite`` -- that the predictions
+    already in ``output_dir`` come from the same run (same ``run_config``: the annotation file's sha256, the
+    image folder and the names and sizes of its images used, the model, dtype, device type, prompts, generation
+    settings and batch size, which sets the padding of each sample and so its floating-point result). A mismatch
+    is a ``ValueError`` naming the settings that differ. ``nextchat-eval`` calls it before loading the model."""
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive int, got {limit!r}")
+    if res_multi_trigger not in ("zero", "first"):
+        raise ValueError(f"`res_multi_trigger` must be 'zero' or 'first', got {res_multi_trigger!r}")
+    fast = bool(fast_rec) and task in ("rec", "res")
+    if fast_rec and task not in ("rec", "res"):
+        raise ValueError(f"`fast_rec` applies to rec and res only, not {task!r}")
+    if answer_prefix is not None and not isinstance(answer_prefix, str):
+        raise ValueError(f"`answer_prefix` must be a string, got {answer_prefix!r}")
+    if answer_prefix is not None and not fast:
+        raise ValueError("`answer_prefix` (--answer-prefix) applies to the fast path only (fast_rec=True, --fast-rec)")
+    if not isinstance(fast_rec_check_samples, int) or fast_rec_check_samples < 0:
+        raise ValueError(f"`fast_rec_check_samples` must be a non-negative int, got {fast_rec_check_samples!r}")
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    templates = load_templates(task, template)
+
+    data_path = data if isinstance(data, str) else None
+    if data_path:
+        samples = load_samples(task, data_path, bbox_format, expressions)
+        data_dir = os.path.dirname(os.path.abspath(data_path))
+        data_hash = _sha256_file(data_path)
+    else:
+        samples, data_dir = list(data), None
+        if not samples:
+            raise ValueError("`data` holds no samples")
+        data_hash = _samples_sha256(samples)
+    image_paths = resolve_images(samples, images_dir, data_dir)
+    if split is None and data_path:
+        split = detect_split(task, data_path)
+    selected = samples if limit is None else samples[:limit]
+    image_folder = images_dir or data_dir
+    run_config = _jsonable({
+        "version": RUN_CONFIG_VERSION,
+        "task": task,
+        "data": os.path.basename(data_path) if data_path else None,
+        "data_sha256": data_hash,
+        "num_samples_in_file": len(samples),
+        "images": os.path.abspath(image_folder) if image_folder else None,
+        "images_fingerprint": _images_fingerprint(image_paths),
+        "masks": os.path.abspath(masks_dir) if masks_dir and task == "res" else None,
+        "model": model_name,
+        "model_fingerprint": model_fingerprint,
+        "dtype": dtype,
+        "device": device,
+        "batch_size": batch_size,
+        "fast_rec": fast,
+        "answer_prefix": (DEFAULT_ANSWER_PREFIX if answer_prefix is None else answer_prefix) if fast else None,
+        "templates": templates,
+        "max_new_tokens": None if fast else max_new_tokens,
+        "bbox_format": bbox_format,
+        "expressions": expressions,
+        "res_multi_trigger": res_multi_trigger if task == "res" else None,
+        "generate_kwargs": {k: _stable_repr(v) for k, v in sorted((generate_kwargs or {}).items())},
+    })
+    if not overwrite:
+        _check_resumable(output_dir, run_config)
+    return RunPlan(task=task, samples=samples, selected=selected, data_path=data_path, data_dir=data_dir,
+                   split=split, templates=templates, fast=fast, max_new_tokens=max_new_tokens, run_config=run_config)
+
+
+def _short(value, width: int = 70) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_resumable(output_dir: str, run_config: dict) -> None:
+    if not prediction_files(output_dir):
+        return
+    config_path = os.path.join(output_dir, RUN_CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise ValueError(
+            f"{output_dir} holds predictions but no {RUN_CONFIG_FILE}, so they cannot be checked to come from this "
+            "run; use another output folder or overwrite=True (--overwrite)"
+        )
+    with open(config_path, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous == run_config:
+        return
+    changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+    details = "; ".join(f"{k}: {_short(previous.get(k))} then, {_short(run_config.get(k))} now" for k in changed)
+    raise ValueError(
+        f"{output_dir} holds predictions of a different run (settings differ: {changed}; {details}); resuming would "
+        "mix the two. Use another output folder or overwrite=True (--overwrite) to discard them"
+    )
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
 
@@ -602,10 +879,12 @@ def evaluate(
     progress: bool = True,
     overwrite: bool = False,
     model_name: str | None = None,
+    model_fingerprint: str | None = None,
     extra_settings: dict | None = None,
     masks_dir: str | None = None,
     answer_prefix: str | None = None,
     fast_rec_check_samples: int = 8,
+    _exit_after_batches: int | None = None,
 ) -> dict:
     """Evaluate ``model`` on one benchmark file; returns the results dict (also written to ``results.json``).
 
@@ -630,6 +909,8 @@ def evaluate(
         progress: show a tqdm progress bar.
         overwrite: delete earlier predictions in ``output_dir`` instead of resuming.
         model_name: the model's name for the records (default: ``model.name_or_path``).
+        model_fingerprint: identifies the weights for the resume check (:func:`model_fingerprint`; the CLI passes
+            that of ``--model``, ``--base-model`` and ``--processor``).
         extra_settings: more entries for ``results["settings"]``.
         masks_dir: folder of RES mask files when the annotations name files (looked up before ``images_dir``).
         answer_prefix: fast path only: the text forced before ``<at>`` for samples without their own
@@ -640,85 +921,62 @@ def evaluate(
             (:func:`fast_rec_check`) and warn (:class:`FastRecWarning`, ``results["warnings"]``) when they disagree;
             0 skips the check.
 
+    The checks of :func:`prepare_run` come first (annotations, images, resume identity). Samples are cut into
+    batches of ``batch_size`` in file order; each batch is always run whole, so a sample is padded the same way
+    in every run.
+
+    **Data parallel.** When ``torch.distributed`` is initialised (``torchrun`` / ``accelerate launch`` through
+    ``nextchat-eval``), process ``r`` of ``n`` runs batches ``r, r + n, r + 2n, ...`` and appends its records to
+    its own shard ``predictions.rank{r}-of-{n}.jsonl`` (resumable like ``predictions.jsonl``; every process reads
+    all prediction files of the folder, so a run may be resumed with another number of processes). After a
+    barrier, rank 0 merges them into ``predictions.jsonl`` in file order (removing the shards), computes the
+    metrics and writes ``results.json``; the other ranks return the same results, read back from it. Both files
+    are then byte-identical to a single-process run's. ``output_dir`` must be shared by all processes.
+
     Every prediction record holds ``user_prompt`` (the user turn: template filled in or the sample's own
     ``question``), ``prompt_source`` (``"template"`` / ``"question"``) and ``prompt`` (the full rendered prompt; in
     the fast path ending in the answer prefix, after which the processor appends ``<at>``; ``answer_prefix`` is
     recorded too). ``results["settings"]["prompts"]`` summarises the prompts used (:func:`prompt_summary`) and
     ``settings["templates"]`` lists only templates that some sample used.
     """
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"`limit` must be a non-negative int, got {limit!r}")
-    if res_multi_trigger not in ("zero", "first"):
-        raise ValueError(f"`res_multi_trigger` must be 'zero' or 'first', got {res_multi_trigger!r}")
-    fast = bool(fast_rec) and task in ("rec", "res")
-    if fast_rec and task not in ("rec", "res"):
-        raise ValueError(f"`fast_rec` applies to rec and res only, not {task!r}")
-    if answer_prefix is not None and not isinstance(answer_prefix, str):
-        raise ValueError(f"`answer_prefix` must be a string, got {answer_prefix!r}")
-    if answer_prefix is not None and not fast:
-        raise ValueError("`answer_prefix` (--answer-prefix) applies to the fast path only (fast_rec=True, --fast-rec)")
-    if not isinstance(fast_rec_check_samples, int) or fast_rec_check_samples < 0:
-        raise ValueError(f"`fast_rec_check_samples` must be a non-negative int, got {fast_rec_check_samples!r}")
-    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
-    templates = load_templates(task, template)
-
-    data_path = data if isinstance(data, str) else None
-    samples = load_samples(task, data, bbox_format, expressions) if data_path else list(data)
-    data_dir = os.path.dirname(os.path.abspath(data_path)) if data_path else None
-    if split is None and data_path:
-        split = detect_split(task, data_path)
-    selected = samples if limit is None else samples[:limit]
     model_name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    model_dtype = str(getattr(model, "dtype", "")).replace("torch.", "") or None
+    device = getattr(model, "device", None)
+    plan = prepare_run(
+        task, data, output_dir, images_dir, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        fast_rec=fast_rec, template=template, limit=limit, split=split, bbox_format=bbox_format,
+        expressions=expressions, res_multi_trigger=res_multi_trigger, generate_kwargs=generate_kwargs,
+        overwrite=overwrite, model_name=model_name, model_fingerprint=model_fingerprint, dtype=model_dtype,
+        device=None if device is None else torch.device(device).type, masks_dir=masks_dir,
+        answer_prefix=answer_prefix, fast_rec_check_samples=fast_rec_check_samples,
+    )
+    samples, selected, fast, templates = plan.samples, plan.selected, plan.fast, plan.templates
+    rank, world_size = _distributed()
+    barrier = torch.distributed.barrier if world_size > 1 else (lambda: None)
 
-    os.makedirs(output_dir, exist_ok=True)
     predictions_path = os.path.join(output_dir, PREDICTIONS_FILE)
-    config_path = os.path.join(output_dir, RUN_CONFIG_FILE)
     results_path = os.path.join(output_dir, RESULTS_FILE)
-    run_config = _jsonable({
-        "task": task,
-        "data": os.path.basename(data_path) if data_path else None,
-        "num_samples_in_file": len(samples),
-        "model": model_name,
-        "fast_rec": fast,
-        "templates": templates,
-        "max_new_tokens": None if fast else max_new_tokens,
-        "bbox_format": bbox_format,
-        "expressions": expressions,
-        "res_multi_trigger": res_multi_trigger if task == "res" else None,
-        "generate_kwargs": {k: _stable_repr(v) for k, v in sorted((generate_kwargs or {}).items())},
-    })
-    if answer_prefix is not None:  # only when given, so that earlier runs still resume
-        run_config["answer_prefix"] = answer_prefix
-    if overwrite:
-        for path in (predictions_path, config_path, results_path):
-            if os.path.exists(path):
-                os.remove(path)
-    if os.path.exists(predictions_path) and os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != run_config:
-            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
-            raise ValueError(
-                f"{output_dir} holds predictions of a different run (settings differ: {changed}); use another "
-                "output folder or overwrite=True (--overwrite)"
-            )
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(run_config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        if overwrite:
+            for path in prediction_files(output_dir) + [results_path]:
+                if os.path.exists(path):
+                    os.remove(path)
+        _write_json(os.path.join(output_dir, RUN_CONFIG_FILE), plan.run_config)
+    barrier()
 
-    store = PredictionStore(predictions_path)
-    todo = [s for s in selected if s.id not in store]
-    runner = _Runner(task, model, processor, templates, fast, max_new_tokens, images_dir, data_dir,
+    own = PredictionStore(predictions_path if world_size == 1 else os.path.join(output_dir,
+                                                                                shard_file(rank, world_size)))
+    done = set(read_predictions(output_dir)) | set(own.records)
+    batches = [selected[i : i + batch_size] for i in range(0, len(selected), batch_size)][rank::world_size]
+    todo = [batch for batch in batches if any(s.id not in done for s in batch)]
+    runner = _Runner(task, model, processor, templates, fast, plan.max_new_tokens, images_dir, plan.data_dir,
                      res_multi_trigger, generate_kwargs, masks_dir, answer_prefix)
     was_training = getattr(model, "training", False)
     model.eval()
     warnings_out = []
     check = None
-    if fast and fast_rec_check_samples and selected:
+    if rank == 0 and fast and fast_rec_check_samples and selected:
         with torch.inference_mode():
             check = fast_rec_check(runner, selected[:fast_rec_check_samples])
         if not check["agree"]:
@@ -730,46 +988,81 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc=f"nextchat-eval {task}", unit="sample")
+        total = sum(len(b) for b in batches)
+        desc = f"nextchat-eval {task}" + (f" [rank {rank} of {world_size}]" if world_size > 1 else "")
+        bar = tqdm(total=total, initial=total - sum(len(b) for b in todo), desc=desc, unit="sample", position=rank)
     try:
         with torch.inference_mode():
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                store.append(_jsonable(runner.predict(batch)))
+            for k, batch in enumerate(todo):
+                records = _jsonable(runner.predict(batch))
+                own.append([r for r in records if r["id"] not in done])
+                done.update(r["id"] for r in records)
                 if bar is not None:
                     bar.update(len(batch))
+                if _exit_after_batches is not None and k + 1 >= _exit_after_batches:
+                    # test hook: die like a killed process (no cleanup, no barrier), after k + 1 written batches
+                    os._exit(17)
     finally:
         if bar is not None:
             bar.close()
         if was_training:
             model.train()
 
-    records = [store.records[s.id] for s in selected]
+    barrier()
+    if rank == 0:
+        stored = read_predictions(output_dir)
+        missing = [s.id for s in selected if s.id not in stored]
+        if missing:
+            raise RuntimeError(f"{len(missing)} samples have no prediction after the run (first: {missing[:5]})")
+        merged = "".join(json.dumps(stored[s.id], sort_keys=True) + "\n" for s in samples if s.id in stored)
+        tmp = f"{predictions_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(merged)
+        os.replace(tmp, predictions_path)
+        for path in prediction_files(output_dir):
+            if path != predictions_path:
+                os.remove(path)
+        results = _results(plan, [stored[s.id] for s in selected], model, batch_size, limit, check, warnings_out,
+                           caption_tokenizer, meteor, answer_prefix, extra_settings)
+        _write_json(results_path, results)
+    barrier()
+    if rank != 0:
+        with open(results_path, encoding="utf-8") as f:
+            results = json.load(f)
+    return results
+
+
+def _results(plan: RunPlan, records, model, batch_size, limit, check, warnings_out, caption_tokenizer, meteor,
+             answer_prefix, extra_settings) -> dict:
+    task, selected, fast = plan.task, plan.selected, plan.fast
     metrics = compute_metrics(task, records, caption_tokenizer=caption_tokenizer, meteor=meteor)
-    paper = paper_results(task, split)
-    prompts = prompt_summary(task, selected, templates)
+    paper = paper_results(task, plan.split)
+    prompts = prompt_summary(task, selected, plan.templates)
     settings = {
-        "model": model_name,
+        "model": plan.run_config["model"],
         "fast_rec": fast,
         "batch_size": batch_size,
-        "max_new_tokens": None if fast else max_new_tokens,
+        "max_new_tokens": None if fast else plan.max_new_tokens,
         "templates": list(prompts["templates_used"]),
         "prompts": prompts,
         "limit": limit,
         "decoding": "greedy (do_sample=False, num_beams=1)" if not fast else "teacher-forced trigger, one forward",
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
     }
+    if task in ("rec", "reg"):
+        settings["boxes"] = GT_BOX_CONVENTION
     if fast:
         settings["answer_prefix"] = answer_prefix if answer_prefix is not None else DEFAULT_ANSWER_PREFIX
         settings["answer_prefix_note"] = "a sample's own answer_prefix wins"
         settings["fast_rec_check"] = check
     settings.update(extra_settings or {})
-    results = _jsonable({
+    return _jsonable({
         "task": task,
-        "split": split,
-        "data": os.path.basename(data_path) if data_path else None,
+        "split": plan.split,
+        "data": plan.run_config["data"],
+        "data_sha256": plan.run_config["data_sha256"],
         "num_samples": len(selected),
-        "complete": len(selected) == len(samples),
+        "complete": len(selected) == len(plan.samples),
         "metrics": metrics,
         "paper": paper,
         "paper_source": PAPER_SOURCE if paper else None,
@@ -777,12 +1070,6 @@ def evaluate(
         "settings": settings,
         "warnings": warnings_out,
     })
-    tmp = results_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, results_path)
-    return results
 
 
 def evaluate_rec(model, processor, data, output_dir, images_dir=None, **kwargs) -> dict:
@@ -818,6 +1105,14 @@ def format_results_table(results: Sequence[dict]) -> str:
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
+    "GT_BOX_CONVENTION",
+    "RunPlan",
+    "clip_box_to_image",
+    "model_fingerprint",
+    "prediction_files",
+    "prepare_run",
+    "read_predictions",
+    "shard_file",
     "DEFAULT_TEMPLATES",
     "FastRecWarning",
     "PredictionStore",

@@ -1,8 +1,10 @@
 """Runners and CLI of nextchat.evaluation on small annotation files and images written here, with a tiny random
 model built on the tiny processor's token ids."""
 
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,45 +20,34 @@ from nextchat import NextChatConfig, NextChatForConditionalGeneration
 from nextchat.evaluation import build_prompt, evaluate, load_samples
 from nextchat.evaluation.cli import main as cli_main
 from nextchat.evaluation.metrics import box_iou, caption_metrics, parse_pope_answer, pope_metrics
-from nextchat.evaluation.runners import DEFAULT_TEMPLATES, PredictionStore
-from nextchat.processing import (
-    boxes_to_square_frame,
-    build_tiny_processor,
-    masks_from_sam_frame,
-    rle_encode,
-)
+from nextchat.evaluation.runners import DEFAULT_TEMPLATES, PredictionStore, model_fingerprint
+from nextchat.processing import boxes_to_square_frame, masks_from_sam_frame, rle_encode
+from tiny_models import config_overrides_for, tiny_model, tiny_processor
 
 
 SIZES = [(40, 60), (50, 30), (32, 32), (45, 45), (30, 64), (64, 30)]
 
 
 def tiny_model_for(processor, seed: int = 0) -> NextChatForConditionalGeneration:
-    tok = processor.tokenizer
-    config = NextChatConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        sam_config=dict(image_size=64, patch_size=16, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2,
-                        encoder_global_attn_indexes=[1], window_size=2, prompt_embed_dim=32),
-        **processor.special_token_ids,
-    )
-    assert config.image_seq_length == processor.image_seq_length
-    torch.manual_seed(seed)
-    model = NextChatForConditionalGeneration(config).eval()
+    """The tests' tiny model (random weights) fitted to `processor`, with room for the benchmark prompts."""
+    overrides = config_overrides_for(processor)
+    overrides["text_config"].max_position_embeddings = 512
+    return tiny_model(seed=seed, **overrides)
+
+
+def boxy_model(model, box=(0.2, 0.25, 0.7, 0.75)) -> NextChatForConditionalGeneration:
+    """A copy of `model` whose box decoder is shifted to predict boxes near `box` (the random model's raw boxes are
+    inverted, which makes every IoU 0 and IoU checks vacuous)."""
+    model = copy.deepcopy(model)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
+        model.loc_decoder[-1].bias.copy_(torch.tensor(box))
     return model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    processor = build_tiny_processor()
+    processor = tiny_processor()
     model = tiny_model_for(processor)
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
@@ -371,3 +362,154 @@ def test_synthetic_shapes_split(setup, tmp_path):
         results = evaluate(task, model, processor, path, str(tmp_path / task), batch_size=4, progress=False,
                            fast_rec=task != "reg", max_new_tokens=3, caption_tokenizer="simple", meteor=False)
         assert results["num_samples"] == len(samples) and results["split"] is None
+
+
+# -------------------------------------------------------------------------------------- checks before the model
+
+
+def _cli_error(capsys, args):
+    """Run the CLI in this process; its exit status and stderr."""
+    code = cli_main(args)
+    return code, capsys.readouterr().err
+
+
+def test_cli_refuses_bad_annotation_files_before_loading_the_model(setup, tmp_path, capsys):
+    # --model names no model at all: any of these errors reaching the model loader would say so instead
+    base = ["rec", "--model", str(tmp_path / "no-model"), "--images", setup["images"], "--no-progress"]
+    good = '{"img_path": "0.png", "expression": "a", "bbox": [1, 1, 5, 5]}\n'
+    cases = {
+        "missing.jsonl": (None, "no such annotation file"),
+        "empty.jsonl": ("", "no annotations (the file is empty)"),
+        "blank.jsonl": ("\n  \n\n", "no annotations (the file is only blank lines)"),
+        "list.json": (" [ ]\n", "no annotations (the file is an empty list)"),
+        "broken.jsonl": (good + "\n" + '{"img_path": "1.png", "expression": "b", "bbox": [1, 2, 3\n' + good,
+                         "broken.jsonl:3: not valid JSON"),
+        "not_object.jsonl": (good + "[1, 2]\n", "not_object.jsonl:2: not a JSON object"),
+        "no_box.jsonl": (good + good.replace('"bbox"', '"bobx"'), "no_box.jsonl:2: has none of the fields ['bbox'"),
+        "inverted.jsonl": (good + good.replace("[1, 1, 5, 5]", "[6, 1, 5, 5]"), "inverted.jsonl:2: `bbox`"),
+        "twice.jsonl": ('{"id": "a", ' + good[1:] + "\n" + '{"id": "a", ' + good[1:],
+                        "twice.jsonl:3: the sample id 'a' appears twice (first at"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        out = tmp_path / f"out_{name}"
+        code, err = _cli_error(capsys, [*base, "--data", str(path), "--output", str(out)])
+        assert code == 2, name
+        assert err.startswith("nextchat-eval: error: ") and message in err, (name, err)
+        assert str(path) in err and "Traceback" not in err
+        assert not out.exists()  # nothing written
+
+
+def test_cli_reports_missing_images_up_front(setup, tmp_path, capsys):
+    rows = [{"img_path": f"{i % 6}.png" if i < 5 else f"gone_{i}.png", "expression": "x", "bbox": [1, 1, 5, 5]}
+            for i in range(12)]
+    data = tmp_path / "REC_refcoco_unc_val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = _cli_error(capsys, ["rec", "--model", str(tmp_path / "no-model"), "--data", str(data), "--images",
+                                    setup["images"], "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "7 of the 12 images of the annotations not found" in err
+    assert "'gone_5.png', 'gone_6.png', 'gone_7.png', 'gone_8.png', 'gone_9.png', ..." in err
+    assert "gone_10.png" not in err and setup["images"] in err
+
+
+def test_limit_must_be_positive(setup, tmp_path):
+    with pytest.raises(ValueError, match="`limit` must be a positive int"):
+        evaluate("rec", setup["model"], setup["processor"], setup["rec"], str(tmp_path), setup["images"], limit=0,
+                 progress=False)
+
+
+# ------------------------------------------------------------------------------------------ resume identity
+
+
+def test_resume_refuses_an_edited_annotation_file_or_other_images(setup, tmp_path, capsys):
+    model, processor = boxy_model(setup["model"]), setup["processor"]
+    model_dir = tmp_path / "model"
+    processor.save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
+    rows = [json.loads(line) for line in _read(setup["rec"]).splitlines()]
+    data = tmp_path / "REC_refcoco_unc_val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["rec", "--model", str(model_dir), "--data", str(data), "--images", setup["images"], "--output", str(out),
+            "--fast-rec", "--fast-rec-check", "0", "--batch-size", "4", "--no-progress"]
+    assert cli_main(args) == 0
+    before = json.loads(_read(out / "results.json"))
+    first = _read(out / "predictions.jsonl")
+    # the same file name and number of lines, one box changed
+    rows[3]["bbox"] = [0, 0, 5, 5]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds predictions of a different run" in err and "data_sha256" in err and "--overwrite" in err
+    assert _read(out / "predictions.jsonl") == first  # untouched
+    # the same images under another folder, then other images of the same names
+    other = tmp_path / "other_images"
+    other.mkdir()
+    for name in os.listdir(setup["images"]):
+        shutil.copy(os.path.join(setup["images"], name), other / name)
+    data.write_text("".join(json.dumps(r) + "\n" for r in [json.loads(line) for line in
+                                                              _read(setup["rec"]).splitlines()]))
+    assert cli_main(args) == 0  # the original file again: resumes (nothing left to do), same results
+    assert json.loads(_read(out / "results.json")) == before
+    moved = [a if a != setup["images"] else str(other) for a in args]
+    assert cli_main(moved) == 2 and "['images']" in capsys.readouterr().err
+    PIL.Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(other / "0.png")
+    same = dict(batch_size=4, fast_rec=True, fast_rec_check_samples=0, progress=False, model_name="model",
+                model_fingerprint=model_fingerprint(str(model_dir)))
+    with pytest.raises(ValueError, match=r"\['images', 'images_fingerprint'\]"):
+        evaluate("rec", model, processor, str(data), str(out), str(other), **same)
+    # other settings that change predictions are refused too, each by name
+    for kwargs, changed in [({"batch_size": 2}, "batch_size"), ({"answer_prefix": "It is"}, "answer_prefix"),
+                            ({"template": "<image> Find <expr>."}, "templates"),
+                            ({"model_fingerprint": None}, "model_fingerprint")]:
+        with pytest.raises(ValueError, match=rf"settings differ: \['{changed}'\]"):
+            evaluate("rec", model, processor, str(data), str(out), setup["images"], **{**same, **kwargs})
+    assert evaluate("rec", model, processor, str(data), str(out), setup["images"], **same) == before
+    # --overwrite: the edited file is evaluated afresh, and its changed box changes sample s3's IoU
+    rows[3]["bbox"] = [0, 0, 5, 5]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main([*args, "--overwrite"]) == 0
+    after = _records(out / "predictions.jsonl")
+    assert after[3]["gt_box"] == [0.0, 0.0, 5.0, 5.0]
+    assert after[3]["iou"] != json.loads(first.splitlines()[3])["iou"]
+    assert [r["iou"] for k, r in enumerate(after) if k != 3] == [
+        json.loads(line)["iou"] for k, line in enumerate(first.splitlines()) if k != 3]
+
+
+# ------------------------------------------------------------------------------------------------- clipping
+
+
+def test_ground_truth_boxes_are_clipped_and_stored_as_used(setup, tmp_path):
+    model, processor = boxy_model(setup["model"]), setup["processor"]
+    rows = []
+    for i, (h, w) in enumerate(SIZES):  # boxes leaving the image on every side, one inside
+        box = [[-5, -3, w / 2, h + 7], [w / 3, -10, w + 4, h / 2], [2, 3, 9, 11]][i % 3]
+        rows.append({"id": f"s{i}", "img_path": f"{i}.png", "expression": f"thing {i}", "bbox": box})
+    data = tmp_path / "REC_refcoco_unc_val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = evaluate("rec", model, processor, str(data), str(tmp_path / "rec"), setup["images"], batch_size=4,
+                       fast_rec=True, fast_rec_check_samples=0, progress=False)
+    assert "clipped to the image" in results["settings"]["boxes"]
+    records = _records(tmp_path / "rec" / "predictions.jsonl")
+    for row, record, (h, w) in zip(rows, records, SIZES):
+        x1, y1, x2, y2 = row["bbox"]
+        assert record["image_size"] == [h, w]
+        assert record["gt_box"] == [min(max(x1, 0), w), min(max(y1, 0), h), min(max(x2, 0), w), min(max(y2, 0), h)]
+        inside = record["gt_box"] == row["bbox"]
+        assert ("gt_box_annotation" not in record) if inside else (record["gt_box_annotation"] == row["bbox"])
+        # the stored IoU is the IoU of the stored boxes
+        gt = boxes_to_square_frame(record["gt_box"], record["image_size"])
+        assert record["iou"] == float(box_iou(record["pred_box_normalized"], gt)[0])
+    assert sum("gt_box_annotation" in r for r in records) == 4
+    assert len({r["iou"] for r in records}) == 6 and sum(r["iou"] > 0 for r in records) >= 4  # not vacuous
+    # region captioning: the region fed to the model is the clipped box, stored as such
+    evaluate("reg", model, processor, str(data), str(tmp_path / "reg"), setup["images"], batch_size=4,
+             max_new_tokens=2, caption_tokenizer="simple", meteor=False, progress=False)
+    for row, record in zip(rows, _records(tmp_path / "reg" / "predictions.jsonl")):
+        (h, w) = record["image_size"]
+        assert 0 <= record["bbox"][0] <= record["bbox"][2] <= w and 0 <= record["bbox"][1] <= record["bbox"][3] <= h
+        assert record.get("bbox_annotation", record["bbox"]) == row["bbox"]
