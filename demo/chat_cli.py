@@ -18,6 +18,11 @@ the model grounds gets the next number, so a later question may refer to it. In 
     /reset             new conversation, same image
     /quit              (or end of input)
 
+In a terminal the question line has readline editing (arrow keys, Ctrl+A/E, ...) and a history kept across chats
+in ``~/.nextchat_chat_history`` (``$NEXTCHAT_CHAT_HISTORY`` names another file; an empty value keeps none). A model
+whose folder records single-turn training (``"nextchat_training": {"max_turns": 1}`` in ``config.json``) answers
+follow-up questions less reliably: the chat says so after the first answer, and ``/reset`` starts afresh.
+
 Without ``--model`` the tiny model shipped in ``examples/tiny-nextchat-shapes`` is used (or ``$NEXTCHAT_DEMO_MODEL``);
 it only knows a toy world of coloured shapes. Pass ``--model DIR`` with any converted checkpoint
 (``nextchat-convert``) for real answers, or a LoRA adapter folder (``adapter_config.json``, e.g. a LoRA run's
@@ -29,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .core import (
+    SINGLE_TURN_NOTE,
     DemoError,
     GenerationSettings,
     answer_terminal,
@@ -113,19 +120,74 @@ def _ask_and_save(session: ChatSession, question: str, boxes, args, image_path: 
     _report(reply, path, args, use_color)
 
 
+HISTORY_ENV_VAR = "NEXTCHAT_CHAT_HISTORY"
+
+
+def _history_path() -> str | None:
+    path = os.environ.get(HISTORY_ENV_VAR, os.path.join(os.path.expanduser("~"), ".nextchat_chat_history"))
+    return path or None
+
+
+def _start_line_editing():
+    """Readline editing and history for ``input()``, which uses them only when stdin and stdout are both terminals.
+    Returns the readline module (``None`` where there is none)."""
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline
+        return None
+    path = _history_path()
+    if path and os.path.isfile(path):
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+    readline.set_history_length(1000)
+    return readline
+
+
+def _save_history(readline) -> None:
+    path = _history_path()
+    if readline is None or not path:
+        return
+    try:
+        readline.write_history_file(path)
+    except OSError as err:
+        log(f"could not save the question history to {path}: {err}")
+
+
+def _read_line(editing: bool, prompt_on_stderr: bool) -> str | None:
+    """The next line of the chat, ``None`` at the end of input."""
+    if editing:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    if prompt_on_stderr:
+        print("you> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line if line else None
+
+
 def _interactive(session: ChatSession, args, image_path: str, use_color: bool) -> None:
     pending = [parse_box(b) for b in args.box]
     for b in pending:
         session.check_box(b)
-    tty = sys.stdin.isatty()
+    editing = sys.stdin.isatty() and sys.stdout.isatty()
+    readline = _start_line_editing() if editing else None
+    try:
+        _chat_loop(session, args, image_path, use_color, pending, editing and readline is not None)
+    finally:
+        _save_history(readline)
+
+
+def _chat_loop(session: ChatSession, args, image_path: str, use_color: bool, pending, editing: bool) -> None:
     if pending:
         log("boxes for the first question: " + ", ".join(f"[{k}] {format_box(b)}" for k, b in enumerate(pending)))
     log("chat started: type a question (/box x1,y1,x2,y2 adds a box, /boxes lists them, /image PATH, /reset, /quit)")
+    noted = False
     while True:
-        if tty:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_line(editing, prompt_on_stderr=sys.stdin.isatty())
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -163,6 +225,9 @@ def _interactive(session: ChatSession, args, image_path: str, use_color: bool) -
                 continue
             _ask_and_save(session, line, pending, args, image_path, use_color)
             pending = []
+            if not noted and session.max_turns == 1:
+                log(f"note: {SINGLE_TURN_NOTE} (/reset starts one)")
+                noted = True
         except DemoError as err:
             log(f"error: {err}")
 

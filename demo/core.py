@@ -12,16 +12,25 @@ Nothing here imports gradio. A :class:`ChatSession` holds one image and one conv
 * **Drawing.** Each answer is drawn with the original demo's colours (``#F76566, #18ACBA, #9400D3, #454926,
   #4E72B8``): the k-th grounded phrase of an answer gets colour k (mod 5), its box (labelled with its index) and its
   SAM mask (when the model has SAM and the mask's predicted IoU reaches ``iou_threshold``, 0.3 as in the
-  original). The user's boxes of that turn are drawn in grey underneath.
+  original). The user's boxes of that turn are drawn in grey underneath. Masks are drawn as an outline with a light
+  fill, so that the object keeps its own colour. With ``display_sides`` (the web page) the drawing is made on a copy
+  of the image resized for the screen (small images enlarged, huge ones reduced); boxes stay in original pixels.
+* **Images** must be between :data:`MIN_IMAGE_SIDE` pixels a side and :data:`MAX_IMAGE_PIXELS` pixels in all;
+  unreadable files, non-images and images out of these bounds raise :class:`DemoError` with a message for the user.
+* **Single-turn models.** A model folder whose ``config.json`` has ``"nextchat_training": {"max_turns": 1}`` was
+  trained on one-question conversations; the chat then recommends a new conversation for each question
+  (:func:`conversation_note`).
 """
 
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,22 +38,34 @@ from typing import Callable
 import numpy as np
 import PIL.Image
 import PIL.ImageColor
+import PIL.ImageDraw
+import PIL.ImageFilter
 
-
-from ..processing import DRAW_COLORS  # the processor's drawing colours, so page and pictures agree
+from ..processing import DRAW_COLORS, draw_grounding  # the processor's colours, so page and pictures agree
 
 USER_BOX_COLOR = "#7F7F7F"
 SHIPPED_MODEL_NAME = "tiny-nextchat-shapes"
 MODEL_ENV_VAR = "NEXTCHAT_DEMO_MODEL"
 
-# The example prompts of the original NExT-Chat web demo (its Gradio app), unchanged.
+# Images smaller than this on a side carry too little for a question (a 1 x 1 image makes the model ramble); images
+# above this many pixels are refused before decoding (a 48-megapixel photo passes).
+MIN_IMAGE_SIDE = 16
+MAX_IMAGE_PIXELS = 64_000_000
+# The web page shows and draws on a copy of the image whose longest side is in this range: small images are
+# enlarged by a whole factor (nearest pixels), huge ones reduced.
+DISPLAY_MIN_SIDE = 512
+DISPLAY_MAX_SIDE = 1024
+MASK_FILL_ALPHA = 0.2
+
+# The example prompts of the original NExT-Chat web demo (its Gradio app), unchanged; the page writes the number of
+# the question's first box for ``[0]``.
 EXAMPLE_PROMPTS = {
     "Where is X?": "Where is {} in the image?",
     "Describe with locations": (
         "Can you provide a description of the image and include the locations for each mentioned object?"
     ),
     "Explain with locations": "{} Please include object locations and explain.",
-    "What is in region [0]?": "What is region [0]?",
+    "What is in my box?": "What is region [0]?",
 }
 
 _REF_RE = re.compile(r"(?<!\\)\[\s*(\d+(?:\s*,\s*\d+)*)\s*,?\s*\]")
@@ -309,7 +330,7 @@ class Reply:
     question: str
     text: str
     entities: list[GroundedEntity]
-    image: PIL.Image.Image  # the annotated image
+    image: PIL.Image.Image  # the annotated image (resized for the screen when the session has display_sides)
     user_boxes: list[BoxRecord] = field(default_factory=list)
     seconds: float = 0.0
     new_tokens: int = 0
@@ -327,27 +348,90 @@ class Reply:
         }
 
 
-def load_image(source) -> PIL.Image.Image:
-    """A path or an image -> an RGB PIL image (transparent parts on white)."""
+def check_image_size(width: int, height: int, name: str = "the image") -> None:
+    """Refuse images too small to ask about or too large to handle (see :data:`MIN_IMAGE_SIDE`,
+    :data:`MAX_IMAGE_PIXELS`)."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise DemoError(
+            f"{name} is {width} x {height} pixels: too small to ask about (it needs at least {MIN_IMAGE_SIDE} "
+            "pixels on each side)"
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DemoError(
+            f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels): too large (at most "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); reduce it first"
+        )
+
+
+def _open_image_file(path, name: str) -> PIL.Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above 89 megapixels; the size is checked below, before the pixels are decoded
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(path)
+    except PIL.Image.DecompressionBombError:
+        limit = MAX_IMAGE_PIXELS / 1e6
+        raise DemoError(f"{name} is too large (over {limit:.0f} megapixels); reduce it first") from None
+    except PIL.UnidentifiedImageError:
+        suffix = Path(os.fspath(path)).suffix
+        if suffix.lower() in PIL.Image.registered_extensions():
+            raise DemoError(
+                f"{name} cannot be read: the file is damaged or is not really a {suffix[1:].upper()} image"
+            ) from None
+        raise DemoError(f"{name} is not an image (PNG, JPEG, WebP, GIF, BMP and TIFF pictures work)") from None
+    except Exception as err:  # PIL raises many kinds on broken headers
+        raise DemoError(f"{name} cannot be read as an image: {err}") from None
+    check_image_size(*image.size, name=name)
+    try:
+        image.load()
+    except Exception as err:
+        raise DemoError(f"{name} cannot be read: the image data is damaged or truncated ({err})") from None
+    return image
+
+
+def load_image(source, name: str | None = None) -> PIL.Image.Image:
+    """A path or an image -> an RGB PIL image (transparent parts on white). Unreadable files, non-images and
+    images too small or too large (:func:`check_image_size`) raise :class:`DemoError`; ``name`` is how the file is
+    named in those messages (default: the path)."""
     if isinstance(source, (str, os.PathLike)):
+        name = name or repr(str(source))
         if not os.path.isfile(source):
-            raise DemoError(f"image {str(source)!r} does not exist")
-        try:
-            image = PIL.Image.open(source)
-            image.load()
-        except Exception as err:  # PIL raises many kinds
-            raise DemoError(f"cannot read image {str(source)!r}: {err}") from err
+            raise DemoError(f"image {name} does not exist")
+        image = _open_image_file(source, name)
     elif isinstance(source, np.ndarray):
         image = PIL.Image.fromarray(source.astype(np.uint8) if source.dtype != np.uint8 else source)
     elif isinstance(source, PIL.Image.Image):
         image = source
     else:
         raise DemoError(f"expected an image or a path, got {type(source).__name__}")
+    check_image_size(*image.size, name=name or "the image")
     if image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def display_scale(width: int, height: int, min_side: int = DISPLAY_MIN_SIDE,
+                  max_side: int = DISPLAY_MAX_SIDE) -> float:
+    """How many screen pixels per image pixel the page uses: a whole factor that brings the longest side to at
+    least ``min_side`` (without passing ``max_side``) for small images, ``max_side / longest side`` for large ones,
+    else 1."""
+    longest = max(width, height)
+    if longest > max_side:
+        return max_side / longest
+    if longest < min_side:
+        return float(max(1, min(math.ceil(min_side / longest), max_side // longest)))
+    return 1.0
+
+
+def training_max_turns(model) -> int | None:
+    """The most turns per conversation the model was trained on, when its folder records it: ``config.json`` key
+    ``"nextchat_training": {"max_turns": N}`` (written by whoever trained it; absent means unknown)."""
+    record = getattr(getattr(model, "config", None), "nextchat_training", None)
+    if isinstance(record, dict) and isinstance(record.get("max_turns"), int):
+        return record["max_turns"]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,27 +440,42 @@ def load_image(source) -> PIL.Image.Image:
 
 
 class ChatSession:
-    """One image, one conversation. ``ask`` runs a turn and returns a :class:`Reply`."""
+    """One image, one conversation. ``ask`` runs a turn and returns a :class:`Reply`.
+
+    ``display_sides`` (``(min_side, max_side)``, see :func:`display_scale`) makes the answers' pictures on a copy of
+    the image resized for the screen, :attr:`display_image`; without it they are drawn at the image's size."""
 
     def __init__(self, model, processor, image=None, settings: GenerationSettings | None = None,
-                 iou_threshold: float = 0.3, progress: Callable[[str], None] | None = log):
+                 iou_threshold: float = 0.3, progress: Callable[[str], None] | None = log,
+                 display_sides: tuple[int, int] | None = None, image_name: str | None = None):
         self.model = model
         self.processor = processor
         self.settings = settings or GenerationSettings()
         self.iou_threshold = iou_threshold
         self.progress = progress or (lambda message: None)
+        self.display_sides = display_sides
         self.image: PIL.Image.Image | None = None
+        self.display_image: PIL.Image.Image | None = None
+        self.scale = 1.0  # display pixels per image pixel
         self.boxes: list[BoxRecord] = []
         self.turns: list[tuple[str, str]] = []  # (user text, assistant text with [i] references)
         self.replies: list[Reply] = []
         if image is not None:
-            self.set_image(image)
+            self.set_image(image, name=image_name)
 
     # -- state ------------------------------------------------------------------------------------------------
 
-    def set_image(self, image) -> None:
-        """Use a new image; starts a new conversation."""
-        self.image = load_image(image)
+    def set_image(self, image, name: str | None = None) -> None:
+        """Use a new image (an image or a path, see :func:`load_image`); starts a new conversation."""
+        self.image = load_image(image, name=name)
+        self.scale = 1.0 if self.display_sides is None else display_scale(*self.image.size, *self.display_sides)
+        if self.scale == 1.0:
+            self.display_image = self.image
+        else:
+            size = (max(1, round(self.image.width * self.scale)), max(1, round(self.image.height * self.scale)))
+            # enlarged images keep their pixels square and sharp, so that clicks land on visible pixels
+            resample = PIL.Image.NEAREST if self.scale > 1 else PIL.Image.LANCZOS
+            self.display_image = self.image.resize(size, resample)
         self.reset()
 
     def reset(self) -> None:
@@ -388,6 +487,15 @@ class ChatSession:
     @property
     def next_box_index(self) -> int:
         return len(self.boxes)
+
+    @property
+    def max_turns(self) -> int | None:
+        return training_max_turns(self.model)
+
+    def to_image_point(self, x: float, y: float) -> tuple[int, int]:
+        """A pixel of :attr:`display_image` -> the nearest pixel edge of the image, inside the image."""
+        width, height = self.image.size
+        return (min(max(round(x / self.scale), 0), width), min(max(round(y / self.scale), 0), height))
 
     def check_box(self, box) -> list[float]:
         box = parse_box(box)
@@ -507,25 +615,65 @@ class ChatSession:
 
     def draw(self, reply: Reply) -> PIL.Image.Image:
         """The image with the user's boxes of the turn (grey) and the answer's masks and boxes (colours)."""
-        from nextchat.processing.processing_nextchat import draw_grounding
-
-        canvas = self.image
-        width, height = canvas.size
-
-        if reply.user_boxes:
+        canvas = self._draw_user_boxes(self.display_image, reply.user_boxes)
+        masked = [e for e in reply.entities if e.mask is not None]
+        if masked:
+            canvas = draw_masks(canvas, [e.mask for e in masked], [e.color for e in masked])
+        boxed = [e for e in reply.entities if e.box is not None]
+        if boxed:
             canvas = draw_grounding(
-                canvas, [{"box": r.box} for r in reply.user_boxes],
-                labels=[str(r.index) for r in reply.user_boxes], colors=[USER_BOX_COLOR],
+                canvas, [{"box": self._scaled(e.box)} for e in boxed], labels=[str(e.index) for e in boxed],
+                colors=[e.color for e in boxed],
             )
-        drawable = [e for e in reply.entities if e.box is not None or e.mask is not None]
-        if drawable:
-            canvas = draw_grounding(
-                canvas,
-                [{"box": e.box, "mask": e.mask} for e in drawable],
-                labels=[str(e.index) for e in drawable],
-                colors=[e.color for e in drawable],
-            )
-        return canvas if canvas is not self.image else self.image.copy()
+        return canvas if canvas is not self.display_image else self.display_image.copy()
+
+    def draw_pending(self, boxes=(), corner: tuple[float, float] | None = None) -> PIL.Image.Image:
+        """:attr:`display_image` with the boxes for the next question (grey, labelled with the numbers they will
+        get) and ``corner`` (image pixels, the first click of a box) marked with a cross."""
+        records = [BoxRecord(self.next_box_index + k, list(b), "user") for k, b in enumerate(boxes)]
+        canvas = self._draw_user_boxes(self.display_image, records)
+        if corner is not None:
+            canvas = canvas.copy() if canvas is self.display_image else canvas
+            draw = PIL.ImageDraw.Draw(canvas)
+            x, y = (v * self.scale for v in corner)
+            arm = max(6, round(max(canvas.size) / 40))
+            width = max(1, round(max(canvas.size) / 256))
+            for color, extra in (((255, 255, 255), 2 * width), (PIL.ImageColor.getrgb(USER_BOX_COLOR), 0)):
+                draw.line([(x - arm, y), (x + arm, y)], fill=color, width=width + extra)
+                draw.line([(x, y - arm), (x, y + arm)], fill=color, width=width + extra)
+        return canvas if canvas is not self.display_image else self.display_image.copy()
+
+    def _scaled(self, box) -> list[float]:
+        return [float(v) * self.scale for v in box]
+
+    def _draw_user_boxes(self, canvas: PIL.Image.Image, records: list[BoxRecord]) -> PIL.Image.Image:
+        if not records:
+            return canvas
+        return draw_grounding(
+            canvas, [{"box": self._scaled(r.box)} for r in records], labels=[str(r.index) for r in records],
+            colors=[USER_BOX_COLOR],
+        )
+
+
+def draw_masks(image: PIL.Image.Image, masks, colors, fill_alpha: float = MASK_FILL_ALPHA,
+               outline_width: int | None = None) -> PIL.Image.Image:
+    """Masks as an outline in their colour over a light fill (``fill_alpha``), so that the object's own colours stay
+    visible; a mask of another size than ``image`` is resized to it."""
+    arr = np.asarray(image.convert("RGB")).astype(np.float32)
+    height, width = arr.shape[:2]
+    outline_width = outline_width or max(1, round(max(width, height) / 256))
+    for mask, color in zip(masks, colors):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (height, width):
+            mask = np.asarray(PIL.Image.fromarray(mask).resize((width, height), PIL.Image.NEAREST), dtype=bool)
+        if not mask.any():
+            continue
+        rgb = np.asarray(PIL.ImageColor.getrgb(color)[:3], dtype=np.float32)
+        eroded = PIL.Image.fromarray(mask).convert("L").filter(PIL.ImageFilter.MinFilter(2 * outline_width + 1))
+        outline = mask & ~(np.asarray(eroded) > 0)
+        arr[mask] = (1 - fill_alpha) * arr[mask] + fill_alpha * rgb
+        arr[outline] = rgb
+    return PIL.Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), mode="RGB")
 
 
 def history_text(answer: str, entities: list[GroundedEntity], processor) -> str:
@@ -583,6 +731,21 @@ def answer_html(reply: Reply) -> str:
     return "".join(parts)
 
 
+SINGLE_TURN_NOTE = (
+    "This model was trained on single-question conversations: it answers a follow-up question less reliably than "
+    "the first. For the best answers, start a new conversation before each question."
+)
+FOLLOW_UP_NOTE = "A follow-up question sees this conversation; for an unrelated question, start a new conversation."
+
+
+def conversation_note(session: ChatSession) -> str:
+    """What to tell the user under a conversation that has answers: that follow-ups see it, and, for a model trained
+    on single-turn conversations (:func:`training_max_turns`), that a new conversation per question works best."""
+    if not session.replies:
+        return ""
+    return SINGLE_TURN_NOTE if session.max_turns == 1 else FOLLOW_UP_NOTE
+
+
 def conversation_html(session: ChatSession) -> str:
     """The whole conversation as HTML (for the web page)."""
     if not session.replies:
@@ -610,6 +773,8 @@ def conversation_html(session: ChatSession) -> str:
             f'{legend}<div class="nc-meta">{html.escape(reply.settings)}; {reply.new_tokens} tokens in '
             f"{reply.seconds:.1f} s</div></div></div>"
         )
+    note_class = "nc-note nc-note-single-turn" if session.max_turns == 1 else "nc-note"
+    rows.append(f'<div class="{note_class}">{html.escape(conversation_note(session))}</div>')
     return "".join(rows)
 
 

@@ -4,22 +4,32 @@
     nextchat-demo --model DIR --port 8000
 
 Upload an image, ask a question. The answer shows every grounded phrase underlined in the colour of its box, and
-the image with the boxes (numbered ``[i]``) and SAM masks drawn. To ask about a region, click two opposite corners
-on the image (or type ``x1,y1,x2,y2`` in the box field, one box per line) and refer to the box as ``[i]`` in the
-question (``What is region [0]?``). Boxes are numbered per conversation, the model's boxes included, so a later
-question may refer to a box the model found. Example buttons fill in the original demo's prompts; the settings
-choose greedy decoding, beam search or sampling, and the answer length. Problems show up as messages on the page.
+the image with the boxes (numbered ``[i]``) and SAM masks (outline and light fill) drawn. To ask about a region,
+click two opposite corners on the image (the first is marked) or type ``x1,y1,x2,y2`` in the box field, one box
+per line, and refer to the box as ``[i]`` in the question (``What is region [0]?``). Boxes are numbered per
+conversation, the model's boxes included, so a later question may refer to a box the model found; the number a new
+box will get is shown above the question, drawn on the image, and written by the "What is in my box?" example.
+Images are shown and drawn resized for the screen (:func:`nextchat.demo.core.display_scale`); boxes, typed and
+reported, stay in the uploaded image's pixels. Example buttons fill in the original demo's prompts; the settings
+choose greedy decoding, beam search or sampling, and the answer length. Problems (a file that is no usable image, a
+wrong box...) show up as messages on the page, never as tracebacks. After an answer, a note under the conversation
+recommends "New conversation" for unrelated questions, and for every question when the model's ``config.json`` says
+it was trained on single turns (``"nextchat_training": {"max_turns": 1}``).
 
 Needs ``pip install gradio`` (only this module imports it).
 """
 
 import argparse
+import functools
 import os
 import sys
 import traceback
 
 from .core import (
+    DISPLAY_MAX_SIDE,
+    DISPLAY_MIN_SIDE,
     EXAMPLE_PROMPTS,
+    SINGLE_TURN_NOTE,
     ChatSession,
     DemoError,
     GenerationSettings,
@@ -29,6 +39,7 @@ from .core import (
     log,
     parse_boxes,
     resolve_model_dir,
+    training_max_turns,
 )
 
 
@@ -40,8 +51,13 @@ CSS = """
 #nc-conversation .nc-swatch {display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px}
 #nc-conversation .nc-meta {font-size: 0.8em; color: var(--body-text-color-subdued)}
 #nc-conversation .nc-user-box {font-family: monospace; font-size: 0.85em; margin-right: 0.5em}
+#nc-conversation .nc-note {font-size: 0.9em; color: var(--body-text-color-subdued); border-left: 3px solid #7F7F7F;
+                           padding-left: 0.5em}
+#nc-conversation .nc-note-single-turn {color: var(--body-text-color); border-left-color: #F76566}
 #nc-status {min-height: 1.5em}
+#nc-box-hint p {font-weight: 600}
 """
+EMPTY_CONVERSATION = '<div class="nc-empty">Upload an image, then ask a question (or use an example below).</div>'
 
 
 def _import_gradio():
@@ -53,20 +69,38 @@ def _import_gradio():
     return gr
 
 
+def _pending_boxes(session: ChatSession | None, typed: str) -> list[list[float]]:
+    """The valid boxes typed for the next question (a wrong one is reported by the hint, not drawn)."""
+    if session is None or session.image is None:
+        return []
+    boxes = []
+    for box in parse_boxes(typed):
+        try:
+            boxes.append(session.check_box(box))
+        except DemoError:
+            pass
+    return boxes
+
+
 def _box_hint(session: ChatSession | None, typed: str, corner) -> str:
+    """Shown above the question: the numbers the boxes of the next question will have."""
     first = session.next_box_index if session is not None else 0
     try:
-        n_typed = len(parse_boxes(typed))
+        boxes = parse_boxes(typed)
+        for box in boxes:
+            if session is not None and session.image is not None:
+                session.check_box(box)
     except DemoError as err:
         return f"⚠️ {err}"
     parts = []
-    if n_typed:
-        names = ", ".join(f"[{first + k}]" for k in range(n_typed))
-        parts.append(f"The typed box(es) will be {names}: mention them in the question.")
+    if boxes:
+        names = ", ".join(f"[{first + k}]" for k in range(len(boxes)))
+        parts.append(f"Your box{'es' if len(boxes) > 1 else ''} for this question: {names}. Write "
+                     f"{names} in the question.")
     else:
-        parts.append(f"Click two opposite corners on the image to add a box; the next box is [{first}].")
+        parts.append(f"To ask about a region, click two opposite corners on the image: the box will be [{first}].")
     if corner is not None:
-        parts.append(f"First corner at ({corner[0]}, {corner[1]}): click the opposite corner.")
+        parts.append(f"First corner at ({corner[0]}, {corner[1]}), marked on the image: click the opposite corner.")
     return " ".join(parts)
 
 
@@ -76,55 +110,89 @@ def build_demo(model, processor, default_settings: GenerationSettings | None = N
     browser session has its own conversation."""
     gr = _import_gradio()
     defaults = (default_settings or GenerationSettings()).validate()
+    keep = gr.update()
 
-    def new_session(image) -> ChatSession:
-        return ChatSession(model, processor, image, settings=defaults, iou_threshold=iou_threshold, progress=log)
+    def new_session(path) -> ChatSession:
+        return ChatSession(model, processor, path, settings=defaults, iou_threshold=iou_threshold, progress=log,
+                           display_sides=(DISPLAY_MIN_SIDE, DISPLAY_MAX_SIDE), image_name=os.path.basename(path))
+
+    def view(session, typed, corner=None):
+        if session is None or session.image is None:
+            return None
+        return session.draw_pending(_pending_boxes(session, typed), corner)
+
+    def guarded(handler, n_outputs, message_position):
+        """Whatever goes wrong becomes a message (in the output at ``message_position``): a handler that raised
+        would mark every output of the event with an error badge."""
+
+        @functools.wraps(handler)  # gradio reads the signature (event data, progress)
+        def run(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except Exception as err:
+                traceback.print_exc(file=sys.stderr)
+                message = f"⚠️ Internal error ({type(err).__name__}): {err}"
+                return tuple(message if k == message_position else keep for k in range(n_outputs))
+
+        return run
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
-    def on_image(image):
-        """A new (or cleared) image starts a new conversation."""
+    def on_upload(path):
+        """A new (or removed) file starts a new conversation; a file that is no usable image is refused with a
+        message, and the file field is emptied for the next try."""
+        # outputs: upload, session, image view, answer image, conversation, status, corner, boxes, hint
+        if path is None:
+            return None, None, None, None, EMPTY_CONVERSATION, "", None, "", _box_hint(None, "", None)
         try:
-            session = new_session(image) if image is not None else None
+            session = new_session(path)
         except DemoError as err:
-            return None, None, conversation_html_or_empty(None), f"⚠️ {err}", None, ""
-        status = "" if image is None else f"Image {image.width} x {image.height} loaded: ask a question."
-        return session, None, conversation_html_or_empty(session), status, None, ""
-
-    def conversation_html_or_empty(session):
-        if session is None:
-            return '<div class="nc-empty">Upload an image, then ask a question (or use an example below).</div>'
-        return conversation_html(session)
+            return None, None, None, None, EMPTY_CONVERSATION, f"⚠️ {err}", None, "", _box_hint(None, "", None)
+        width, height = session.image.size
+        shown = ""
+        if session.scale != 1:
+            shown = f", shown at {session.display_image.width} x {session.display_image.height}"
+        status = f"Image {width} x {height} loaded{shown}: ask a question."
+        return (keep, session, view(session, ""), None, conversation_html(session), status, None, "",
+                _box_hint(session, "", None))
 
     def on_click(session, typed, corner, evt: gr.SelectData):
+        # outputs: corner, boxes, image view, hint
         if session is None or session.image is None:
-            return corner, typed, "⚠️ Upload an image first."
+            return corner, typed, keep, "⚠️ Upload an image first."
         try:
-            x, y = (int(round(float(v))) for v in evt.index[:2])
-        except Exception:
-            return corner, typed, "⚠️ Could not read the clicked position."
+            x, y = session.to_image_point(*(float(v) for v in evt.index[:2]))
+        except (TypeError, ValueError, IndexError):
+            return corner, typed, keep, "⚠️ Could not read the clicked position."
         if corner is None:
-            return (x, y), typed, _box_hint(session, typed, (x, y))
+            return (x, y), typed, view(session, typed, (x, y)), _box_hint(session, typed, (x, y))
         x1, x2 = sorted((corner[0], x))
         y1, y2 = sorted((corner[1], y))
+        if x1 == x2 or y1 == y2:
+            return None, typed, view(session, typed), "⚠️ The two corners must differ in x and in y: click again."
         box = f"{x1},{y1},{x2},{y2}"
         typed = (typed.rstrip() + "\n" + box).strip() if typed else box
-        return None, typed, _box_hint(session, typed, None)
+        return None, typed, view(session, typed), _box_hint(session, typed, None)
 
     def on_boxes_typed(session, typed, corner):
-        return _box_hint(session, typed, corner)
+        # outputs: image view, hint
+        return view(session, typed, corner), _box_hint(session, typed, corner)
 
     def on_clear_boxes(session):
-        return None, "", _box_hint(session, "", None)
+        # outputs: corner, boxes, image view, hint
+        return None, "", view(session, ""), _box_hint(session, "", None)
 
     def on_new_chat(session, typed):
-        if session is not None:
-            session.reset()
-        return session, None, conversation_html_or_empty(session), "New conversation.", None, _box_hint(session, typed, None)
+        # outputs: session, answer image, conversation, status, corner, image view, hint
+        if session is None:
+            return None, None, EMPTY_CONVERSATION, "Upload an image to start.", None, None, _box_hint(None, typed, None)
+        session.reset()
+        return (session, None, conversation_html(session), "New conversation: ask a question.", None,
+                view(session, typed), _box_hint(session, typed, None))
 
     def on_send(session, question, typed, mode, max_new_tokens, num_beams, temperature, top_p, top_k, seed,
                 progress=gr.Progress()):
-        keep = gr.update()
+        # outputs: answer image, conversation, status, question, boxes, corner, image view, hint
         try:
             if session is None or session.image is None:
                 raise DemoError("Upload an image first.")
@@ -136,10 +204,7 @@ def build_demo(model, processor, default_settings: GenerationSettings | None = N
             progress(0.1, desc=f"Generating ({settings.describe()})...")
             reply = session.ask(question, boxes=boxes, settings=settings)
         except DemoError as err:
-            return keep, keep, f"⚠️ {err}", keep, keep, keep, keep
-        except Exception as err:  # never show a traceback on the page
-            traceback.print_exc(file=sys.stderr)
-            return keep, keep, f"⚠️ Internal error ({type(err).__name__}): {err}", keep, keep, keep, keep
+            return keep, keep, f"⚠️ {err}", keep, keep, keep, keep, keep
         found = len(reply.entities)
         status = (
             f"Answered in {reply.seconds:.1f} s: {found} grounded phrase{'s' if found != 1 else ''}"
@@ -147,12 +212,17 @@ def build_demo(model, processor, default_settings: GenerationSettings | None = N
             + "."
         )
         return (
-            reply.image, conversation_html(session), status, "", "", None, _box_hint(session, "", None)
+            reply.image, conversation_html(session), status, "", "", None, view(session, ""),
+            _box_hint(session, "", None),
         )
 
     def example(template):
-        def fill(question):
+        def fill(question, session):
             text = (question or "").strip()
+            if "[0]" in template:
+                # the first box of this question, whatever the conversation numbered before
+                first = session.next_box_index if session is not None else 0
+                return template.replace("[0]", f"[{first}]")
             if "{}" in template:
                 if "Where is" in template:
                     subject = text.rstrip("?.") if text and len(text.split()) <= 6 and "?" not in text else "the object"
@@ -164,29 +234,35 @@ def build_demo(model, processor, default_settings: GenerationSettings | None = N
 
     # -- layout -----------------------------------------------------------------------------------------------
 
+    single_turn = training_max_turns(model) == 1
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
             f"# {title}\n"
             "Upload an image and ask. Grounded phrases are underlined in the colour of their box. "
             "To ask about a region, click two opposite corners on the image (or type `x1,y1,x2,y2`) and refer to "
-            "it as `[0]`, `[1]`, ... in the question." + (f"  \nModel: `{model_name}`" if model_name else "")
+            "it by the number shown above the question."
+            + (f"  \nModel: `{model_name}`" if model_name else "")
+            + (f"  \n**Note:** {SINGLE_TURN_NOTE}" if single_turn else "")
         )
         session_state = gr.State(None)
         corner_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                input_image = gr.Image(
-                    type="pil", label="Image (click two corners to add a box)", sources=["upload", "clipboard"],
-                    image_mode=None, elem_id="nc-input-image", height=360,
+                # a plain file field: every upload reaches the server, which explains what it cannot use (an image
+                # field would drop non-images silently and fail on corrupt ones)
+                upload = gr.File(
+                    label="Upload an image (PNG, JPEG, WebP...)", file_count="single", type="filepath",
+                    elem_id="nc-input-image", height=120,
+                )
+                image_view = gr.Image(
+                    type="pil", label="Image: click two opposite corners to add a box", interactive=False,
+                    format="png", elem_id="nc-image", buttons=["fullscreen"],
                 )
                 boxes_text = gr.Textbox(
-                    label="Boxes for the next question (pixel x1,y1,x2,y2; one per line)", lines=2,
-                    elem_id="nc-boxes", placeholder="e.g. 40,30,200,180",
+                    label="Boxes for the next question (pixel x1,y1,x2,y2 of the original image; one per line)",
+                    lines=2, elem_id="nc-boxes", placeholder="e.g. 40,30,200,180",
                 )
-                box_hint = gr.Markdown(_box_hint(None, "", None), elem_id="nc-box-hint")
-                with gr.Row():
-                    clear_boxes = gr.Button("Clear boxes", elem_id="nc-clear-boxes", size="sm")
-                    new_chat = gr.Button("New conversation", elem_id="nc-new-chat", size="sm")
+                clear_boxes = gr.Button("Clear boxes", elem_id="nc-clear-boxes", size="sm")
                 with gr.Accordion("Generation settings", open=False, elem_id="nc-settings"):
                     mode = gr.Radio(
                         [("Greedy", "greedy"), ("Beam search", "beam"), ("Sampling", "sample")],
@@ -203,36 +279,45 @@ def build_demo(model, processor, default_settings: GenerationSettings | None = N
             with gr.Column(scale=1):
                 output_image = gr.Image(
                     type="pil", label="Answer: boxes and masks", interactive=False, format="png",
-                    elem_id="nc-output-image", height=360,
+                    elem_id="nc-output-image", buttons=["download", "fullscreen"],
                 )
-                conversation = gr.HTML(conversation_html_or_empty(None), elem_id="nc-conversation")
+                conversation = gr.HTML(EMPTY_CONVERSATION, elem_id="nc-conversation")
                 status = gr.Markdown("", elem_id="nc-status")
+                box_hint = gr.Markdown(_box_hint(None, "", None), elem_id="nc-box-hint")
                 question = gr.Textbox(
                     label="Question", placeholder="Where is the dog in the image?", elem_id="nc-question", lines=1,
                 )
-                send = gr.Button("Send", variant="primary", elem_id="nc-send")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="nc-send", scale=2)
+                    new_chat = gr.Button("New conversation", elem_id="nc-new-chat", scale=1)
                 with gr.Row():
                     example_buttons = []
                     for k, (label, template) in enumerate(EXAMPLE_PROMPTS.items()):
                         button = gr.Button(label, size="sm", elem_id=f"nc-example-{k}")
                         example_buttons.append((button, template))
 
-        image_outputs = [session_state, output_image, conversation, status, corner_state, boxes_text]
-        input_image.change(on_image, [input_image], image_outputs).then(
-            on_boxes_typed, [session_state, boxes_text, corner_state], [box_hint]
-        )
-        input_image.select(on_click, [session_state, boxes_text, corner_state], [corner_state, boxes_text, box_hint])
-        boxes_text.change(on_boxes_typed, [session_state, boxes_text, corner_state], [box_hint])
-        clear_boxes.click(on_clear_boxes, [session_state], [corner_state, boxes_text, box_hint])
-        new_chat.click(on_new_chat, [session_state, boxes_text],
-                       [session_state, output_image, conversation, status, corner_state, box_hint])
+        def listen(event, handler, inputs, outputs):
+            message_to = status if status in outputs else box_hint
+            event(guarded(handler, len(outputs), outputs.index(message_to)), inputs, outputs)
+
+        upload_outputs = [upload, session_state, image_view, output_image, conversation, status, corner_state,
+                          boxes_text, box_hint]
+        # not .change: emptying the field after a refused file must not clear the message
+        listen(upload.upload, on_upload, [upload], upload_outputs)
+        listen(upload.clear, on_upload, [upload], upload_outputs)
+        listen(image_view.select, on_click, [session_state, boxes_text, corner_state],
+               [corner_state, boxes_text, image_view, box_hint])
+        listen(boxes_text.input, on_boxes_typed, [session_state, boxes_text, corner_state], [image_view, box_hint])
+        listen(clear_boxes.click, on_clear_boxes, [session_state], [corner_state, boxes_text, image_view, box_hint])
+        listen(new_chat.click, on_new_chat, [session_state, boxes_text],
+               [session_state, output_image, conversation, status, corner_state, image_view, box_hint])
         send_inputs = [session_state, question, boxes_text, mode, max_new_tokens, num_beams, temperature, top_p,
                        top_k, seed]
-        send_outputs = [output_image, conversation, status, question, boxes_text, corner_state, box_hint]
-        send.click(on_send, send_inputs, send_outputs)
-        question.submit(on_send, send_inputs, send_outputs)
+        send_outputs = [output_image, conversation, status, question, boxes_text, corner_state, image_view, box_hint]
+        listen(send.click, on_send, send_inputs, send_outputs)
+        listen(question.submit, on_send, send_inputs, send_outputs)
         for button, template in example_buttons:
-            button.click(example(template), [question], [question])
+            button.click(example(template), [question, session_state], [question])
     demo.nextchat_css = CSS
     return demo
 

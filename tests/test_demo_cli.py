@@ -1,10 +1,17 @@
 """`nextchat-chat` end to end on tiny model folders: the answer, its grounded boxes, and the annotated PNG with the
-boxes drawn where the output says (pixel colours checked on the printed box edges)."""
+boxes drawn where the output says (pixel colours checked on the printed box edges); bad images refused with a
+message; the interactive chat's line editing and history in a real pseudo-terminal; and the engine's drawing
+(masks that keep the object's colours, pictures resized for the screen)."""
 
+import importlib.util
 import json
 import os
+import re
+import select
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +22,27 @@ import pytest
 from nextchat.demo import chat_cli
 from nextchat.demo.core import (
     DRAW_COLORS,
+    FOLLOW_UP_NOTE,
+    MAX_IMAGE_PIXELS,
+    SINGLE_TURN_NOTE,
     ChatSession,
     DemoError,
     GenerationSettings,
+    GroundedEntity,
+    Reply,
     answer_html,
+    conversation_html,
+    conversation_note,
     default_model_dir,
+    display_scale,
     history_text,
+    load_image,
     load_model,
     parse_box,
     parse_boxes,
     shipped_model_candidates,
 )
-from nextchat.demo.tiny_folder import ANSWER, QUESTION, SQUARE_BOX, build_tiny_demo_folder, shapes_image
+from tiny_demo_folder import ANSWER, QUESTION, SQUARE_BOX, build_tiny_demo_folder, shapes_image
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +198,68 @@ def test_cli_interactive_multi_turn(tiny_folder, image_path):
     assert "Traceback" not in result.stderr
 
 
+def read_until(fd, output: str, done, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while not done(output):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out; the terminal shows: {output[-3000:]!r}"
+        if select.select([fd], [], [], min(remaining, 1.0))[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            assert chunk, f"the chat ended early; the terminal shows: {output[-3000:]!r}"
+            output += chunk.decode(errors="replace")
+    return output
+
+
+JSON_RECORD = re.compile(r'\{"question".*\}')
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_cli_interactive_line_editing_history_and_single_turn_note(tiny_folder, image_path, tmp_path):
+    """In a terminal, the chat's question line is edited with readline (a left arrow moves the cursor instead of
+    typing an escape code, the up arrow recalls the last question), the history is saved, and a model recorded as
+    trained on single turns gets a note recommending a new conversation."""
+    folder = tmp_path / "single-turn-model"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "nextchat_training": {"max_turns": 1}}))
+    history = tmp_path / "history"
+    master, slave = os.openpty()
+    env = dict(os.environ, NEXTCHAT_CHAT_HISTORY=str(history), TERM="xterm", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nextchat.demo.chat_cli", str(image_path), "--model", str(folder), "--json"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+    )
+    os.close(slave)
+
+    def records(output):
+        return [json.loads(m.group(0)) for m in JSON_RECORD.finditer(output)]
+
+    def prompt_after(n):
+        return lambda output: len(records(output)) == n and "you> " in output[output.rfind("}") :]
+
+    try:
+        output = read_until(master, "", lambda out: "you> " in out)
+        os.write(master, b"Where is the squar?\x1b[De\r")  # left arrow: the "e" goes before the "?"
+        output = read_until(master, output, prompt_after(1))
+        os.write(master, b"\x1b[A\r")  # up arrow: the same question again
+        output = read_until(master, output, prompt_after(2))
+        os.write(master, b"/quit\r")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    first, second = records(output)
+    assert first["question"] == QUESTION and first["answer"] == ANSWER.replace(" [0]", "")
+    assert second["question"] == QUESTION
+    assert "single-question conversations" in output and output.count("single-question conversations") == 1
+    assert "Traceback" not in output
+    assert history.read_text().splitlines()[-2:] == [QUESTION, "/quit"]  # readline keeps one of two repeats
+
+
 def test_session_history_carries_grounding(loaded):
     model, processor = loaded
     session = ChatSession(model, processor, shapes_image(), progress=None)
@@ -202,12 +280,108 @@ def test_session_history_carries_grounding(loaded):
 
 
 def test_transparent_images_go_on_white(tmp_path):
-    from nextchat.demo.core import load_image
-
     path = tmp_path / "t.png"
-    PIL.Image.new("RGBA", (4, 3), (0, 0, 0, 0)).save(path)
+    PIL.Image.new("RGBA", (20, 16), (0, 0, 0, 0)).save(path)
     image = load_image(path)
     assert image.mode == "RGB" and image.getpixel((1, 1)) == (255, 255, 255)
+
+
+def bad_images(folder: Path) -> list[tuple[Path, str]]:
+    """Files the chat must refuse, each with (part of) its message."""
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    truncated = folder / "truncated.png"
+    shapes_image().save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:120])
+    text = folder / "notes.txt"
+    text.write_text("not a picture\n")
+    dot = folder / "dot.png"
+    PIL.Image.new("RGB", (1, 1)).save(dot)
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100
+    huge = folder / "huge.png"
+    PIL.Image.new("1", (side, side)).save(huge)
+    return [
+        (corrupt, "the file is damaged or is not really a PNG image"),
+        (truncated, "damaged or truncated"),
+        (text, "is not an image"),
+        (dot, "1 x 1 pixels: too small"),
+        (huge, f"{side} x {side} pixels ({side * side / 1e6:.0f} megapixels): too large"),
+    ]
+
+
+def test_cli_bad_images_are_messages(tmp_path, tiny_folder, capsys):
+    for path, message in bad_images(tmp_path):
+        assert chat_cli.main([str(path), QUESTION, "--model", tiny_folder]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path.name) in err and "Traceback" not in err, (path, err)
+        assert "loading the model" not in err  # refused before the model loads
+
+
+def test_display_scale():
+    assert display_scale(64, 64) == 8  # small: a whole factor up to 512 pixels
+    assert display_scale(96, 64) == 6
+    assert display_scale(1, 700) == 1  # an enlarged side may not pass 1024
+    assert display_scale(800, 600) == 1
+    assert display_scale(4000, 3000) == 1024 / 4000  # large: down to 1024 pixels
+
+
+def test_drawing_for_the_screen_keeps_boxes_in_image_pixels(loaded):
+    model, processor = loaded
+    small = ChatSession(model, processor, shapes_image(), progress=None, display_sides=(512, 1024))
+    assert small.scale == 6 and small.display_image.size == (576, 384)
+    # a click on a display pixel is the nearest pixel edge of the image
+    assert small.to_image_point(52 * 6 + 2, 20 * 6 + 4) == (52, 21)
+    assert small.to_image_point(-5, 10_000) == (0, 64)
+    huge = ChatSession(model, processor, shapes_image().resize((3840, 2560), PIL.Image.NEAREST), progress=None,
+                       display_sides=(512, 1024))
+    assert huge.display_image.size == (1024, 683)
+    reply = huge.ask(QUESTION)
+    assert reply.image.size == (1024, 683)
+    assert np.allclose(reply.entities[0].box, [40 * v for v in SQUARE_BOX], atol=6 * 40), reply.entities[0].box
+    # the marked first corner and a pending box numbered after the model's box [0]
+    marked = np.asarray(huge.draw_pending([[2080, 800, 3360, 2080]], corner=(400, 400))).astype(int)
+    plain = np.asarray(huge.display_image).astype(int)
+    changed = np.abs(marked - plain).sum(-1) > 0
+    assert changed[int(400 * huge.scale), int(400 * huge.scale)]
+    grey = (marked == (127, 127, 127)).all(-1)
+    right_edge = int(3360 * huge.scale) - 1
+    assert grey[int(800 * huge.scale) : int(2080 * huge.scale), right_edge].mean() > 0.8
+
+
+def test_masks_keep_the_objects_colour(loaded):
+    """A mask is an outline in its colour over a light fill: inside, the masked object keeps its own colour."""
+    model, processor = loaded
+    session = ChatSession(model, processor, shapes_image(), progress=None)
+    image = np.asarray(session.image).astype(int)
+    circle = (np.abs(image - (30, 60, 200)).sum(-1) == 0)
+    red = PIL.ImageColor.getrgb(DRAW_COLORS[0])
+    entity = GroundedEntity(index=0, text="circle", span=(0, 6), box=None, box_normalized=None, mask=circle,
+                            score=0.9, color=DRAW_COLORS[0])
+    drawn = np.asarray(session.draw(Reply(question="q", text="circle", entities=[entity], image=None))).astype(int)
+    inner = circle.copy()
+    for axis, shift in ((0, 2), (0, -2), (1, 2), (1, -2)):
+        inner &= np.roll(circle, shift, axis=axis)
+    # inside: still blue, and nearer the blue than the red of the mask (a half blend would be purple)
+    assert (drawn[inner][:, 2] > 2 * drawn[inner][:, 0]).all()
+    assert (np.abs(drawn[inner] - (30, 60, 200)).max(-1) <= 0.25 * np.abs(np.subtract(red, (30, 60, 200))).max()).all()
+    # the outline follows the mask's edge in the mask's colour; outside, nothing changes
+    edge = circle & ~inner
+    assert (drawn[edge] == red).all(-1).mean() > 0.3
+    assert (drawn[~circle] == image[~circle]).all()
+
+
+def test_single_turn_note(loaded):
+    model, processor = loaded
+    session = ChatSession(model, processor, shapes_image(), progress=None)
+    assert conversation_note(session) == "" and session.max_turns is None
+    session.ask(QUESTION, settings=GenerationSettings(max_new_tokens=12))
+    assert conversation_note(session) == FOLLOW_UP_NOTE
+    model.config.nextchat_training = {"max_turns": 1}
+    try:
+        assert conversation_note(session) == SINGLE_TURN_NOTE
+        assert "nc-note-single-turn" in conversation_html(session)
+    finally:
+        del model.config.nextchat_training
 
 
 def test_settings_and_box_parsing():
@@ -257,10 +431,14 @@ def test_cli_on_the_shipped_tiny_model(tmp_path, capsys, monkeypatch):
 
 def test_only_the_web_module_imports_gradio():
     code = (
-        "import sys; import nextchat.demo, nextchat.demo.core, nextchat.demo.chat_cli, nextchat.demo.tiny_folder; "
+        "import sys; import nextchat.demo, nextchat.demo.core, nextchat.demo.chat_cli; "
         "assert 'gradio' not in sys.modules, 'gradio imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_test_model_builder_is_not_installed():
+    assert importlib.util.find_spec("nextchat.demo.tiny_folder") is None
 
 
 def test_boxes_on_the_border_stay_visible(loaded, tmp_path):

@@ -1,8 +1,8 @@
-"""A tiny NExT-Chat folder built offline in seconds, for the demo's tests and for trying the demo without a
-checkpoint.
+"""A tiny NExT-Chat folder built offline in seconds, for the demo's tests (a test helper, kept out of the
+installed package).
 
 The model is a few-hundred-thousand-parameter NExT-Chat (with a 64-pixel SAM) paired with the tiny processor of
-:mod:`nextchat.processing.tiny`, over-fitted for a few dozen steps on ONE conversation about a generated picture
+``tiny_models.tiny_processor``, over-fitted for a few dozen steps on ONE conversation about a generated picture
 (``Where is the square?`` -> ``The red square [0] is here.``), so that it answers with a grounded phrase, a box
 and a mask. It knows nothing else; it is a test fixture, not a model.
 """
@@ -33,9 +33,9 @@ def build_tiny_demo_folder(save_dir, train_steps: int = 80, seed: int = 0, learn
     import torch
 
     from nextchat import NextChatConfig, NextChatForConditionalGeneration
-    from nextchat.processing.tiny import build_tiny_processor
+    from tiny_models import tiny_processor
 
-    processor = build_tiny_processor()
+    processor = tiny_processor()
     tokenizer = processor.tokenizer
     config = NextChatConfig(
         text_config=dict(
