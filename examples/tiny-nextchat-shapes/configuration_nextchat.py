@@ -3,8 +3,13 @@
 from dataclasses import field
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # Sizes of SAM ViT-H, spelled as segment-anything's own builder spells them (`build_sam_vit_h`).
@@ -47,6 +52,26 @@ VICUNA_7B_CONFIG = {
     "pad_token_id": 0,
 }
 
+# The five tokens NExT-Chat adds to the LLaMA vocabulary, in the order the original adds them, each with the
+# config field that holds its id and the processor attribute that holds its string. The one place they are named.
+NEXTCHAT_SPECIAL_TOKENS = {
+    "image_token_id": "<im_patch>",
+    "image_start_token_id": "<im_start>",
+    "image_end_token_id": "<im_end>",
+    "trigger_token_id": "<at>",
+    "box_token_id": "<boxes>",
+}
+
+# Fields older versions kept in the config: training arguments (loss weights, now `NextChatLossWeights`; the
+# attention terms, now `nextchat.training.AttentionSupervision`) and an experimental input (`box_region_features`,
+# never enabled in a released model). Old `config.json` files carry them: they load, and the fields are dropped.
+LEGACY_TRAINING_FIELDS = (
+    "lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight", "cycle_box_loss_weight",
+    "grounding_attention_loss_weight", "region_attention_loss_weight", "mask_ce_loss_weight", "mask_dice_loss_weight",
+    "mask_iou_loss_weight", "grounding_attention_layers", "grounding_attention_heads", "region_attention_heads",
+    "attention_loss_per_head", "box_region_features",
+)
+
 _MASK_LOSS_TYPES = ("focal", "bce")
 _BOX_DECODER_ACTIVATIONS = (None, "sigmoid")
 
@@ -55,6 +80,7 @@ def _default_sam_config():
     return dict(SAM_VIT_H_CONFIG)
 
 
+@strict
 class NextChatConfig(PreTrainedConfig):
     r"""
     Configuration of a NExT-Chat model: a LLaMA language model, a CLIP vision tower, a projector between
@@ -83,52 +109,20 @@ class NextChatConfig(PreTrainedConfig):
         box_decoder_activation (`str` or `None`, *optional*, defaults to `None`):
             `None` keeps the original's unbounded `loc_decoder` output (parity with converted checkpoints);
             `"sigmoid"` squashes boxes into [0, 1], which helps models trained from scratch.
-        box_region_features (`bool`, *optional*, defaults to `False`):
-            `False` keeps the original's box embedding, `loc_encoder(box)` alone (parity with converted
-            checkpoints). `True` (not in the original) adds, to each box the model is GIVEN to read (a user's box),
-            the mean of the projected image features sampled on a regular grid inside the box, so that the
-            language model reads what the region holds as well as where it is: a model trained from scratch then
-            learns region captions quickly. The boxes that follow the model's own answer triggers (teacher-forced
-            in training, found from `labels`; predicted in generation) keep `loc_encoder(box)` alone, and the
-            region read-out passes no gradient back into the projector. Without `labels`, `forward` cannot tell
-            answer boxes apart and treats every `<boxes>` of `input_ids` as given.
-        lm_loss_weight, box_l1_loss_weight, box_giou_loss_weight, cycle_embed_loss_weight,
-        cycle_box_loss_weight (`float`): weights of the language-modelling and box loss terms. The defaults
-            are the original's: CE + 2·L1 + 0.2·(1−GIoU) + MSE cycle + L1 cycle. All `*_loss_weight` fields are the
-            LEGACY place of the loss weights (old `config.json` files carry them and keep loading): training sets
-            `model.loss_weights` (a `NextChatLossWeights`, never saved in the config; the stage presets of
-            `nextchat.training` always do), and `forward` reads these fields only while it is None.
-        grounding_attention_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of a training-only term that is not in the original: `−log` of the attention mass (averaged
-            over heads) that each assistant `<at>` puts on the image patches inside its target box, in the layers
-            `grounding_attention_layers`. It teaches the trigger to look at the object it names — what a model
-            trained from scratch learns last. 0 keeps parity; > 0 needs attention probabilities, so the language
-            model must run with `attn_implementation="eager"`.
-        region_attention_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of a second training-only term that is not in the original, for region captions: every position
-            that predicts a token of an assistant turn that grounds nothing itself (no labelled `<at>`) and follows
-            a user turn giving exactly one box is asked, like a trigger, to attend to that box's patches; each such
-            turn counts once (its positions averaged; the term is the mean over such turns). 0 keeps parity.
-        grounding_attention_layers (`list[int]` or `None`, *optional*, defaults to `None`):
-            Language-model layers (negative indices count from the end) the attention terms supervise; `None`:
-            every layer but the first, whose trigger query cannot depend on the phrase yet.
-        grounding_attention_heads, region_attention_heads (`list[int]` or `None`, *optional*, defaults to `None`):
-            The attention heads whose mean attention mass the trigger term and the region term supervise; `None`:
-            all heads. Disjoint lists let the two kinds of lookup — by name and by position — use their own heads.
-        attention_loss_per_head (`bool`, *optional*, defaults to `False`):
-            How the attention terms combine heads: `False`: `−log` of the head-averaged mass; `True`: the mean over
-            heads of each head's `−log` mass, so that every supervised head must find the box, not only their mean.
         sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
             The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
             `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
             scratch learns masks from right boxes). Generation always prompts with the predicted box.
         mask_loss_type (`str`, *optional*, defaults to `"focal"`):
             `"focal"`: the original's focal term on the per-mask mean BCE; `"bce"`: plain per-pixel BCE.
-        mask_ce_loss_weight, mask_dice_loss_weight, mask_iou_loss_weight (`float`): weights of the mask
-            loss terms (original: 20·focal + dice + IoU-head MSE).
         mask_focal_alpha, mask_focal_gamma, mask_dice_smooth (`float`): the intended constants of the
             original SAM loss (0.8, 2 and 1; the original passed the mask count in place of alpha and of the
             dice smoothing by mistake).
+
+    The weights of the loss terms are training arguments, not configuration: `model.loss_weights`
+    (`NextChatLossWeights`). Fields that older versions saved here (`LEGACY_TRAINING_FIELDS`) are dropped on load.
+    Validation follows transformers' `@strict` configs: field types at construction, and the `validate_*` methods
+    below at construction and at `save_pretrained`.
     """
 
     model_type = "nextchat"
@@ -154,25 +148,9 @@ class NextChatConfig(PreTrainedConfig):
     box_token_id: int = 32004
 
     box_decoder_activation: str | None = None
-    box_region_features: bool = False
-
-    lm_loss_weight: float = 1.0
-    box_l1_loss_weight: float = 2.0
-    box_giou_loss_weight: float = 0.2
-    cycle_embed_loss_weight: float = 1.0
-    cycle_box_loss_weight: float = 1.0
-    grounding_attention_loss_weight: float = 0.0
-    region_attention_loss_weight: float = 0.0
-    grounding_attention_layers: list[int] | None = None
-    grounding_attention_heads: list[int] | None = None
-    region_attention_heads: list[int] | None = None
-    attention_loss_per_head: bool = False
     sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
-    mask_ce_loss_weight: float = 20.0
-    mask_dice_loss_weight: float = 1.0
-    mask_iou_loss_weight: float = 1.0
     mask_focal_alpha: float = 0.8
     mask_focal_gamma: float = 2.0
     mask_dice_smooth: float = 1.0
@@ -180,7 +158,9 @@ class NextChatConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+        dropped = sorted(name for name in LEGACY_TRAINING_FIELDS if kwargs.pop(name, None) is not None)
+        if dropped:
+            logger.info(f"NextChatConfig: ignoring {dropped}, training arguments that older versions kept in the config")
         if self.sam_config is not None:
             unknown = set(self.sam_config) - set(SAM_VIT_H_CONFIG)
             if unknown:
@@ -189,7 +169,7 @@ class NextChatConfig(PreTrainedConfig):
                 )
             self.sam_config = {**SAM_VIT_H_CONFIG, **self.sam_config}
             self.sam_config["encoder_global_attn_indexes"] = list(self.sam_config["encoder_global_attn_indexes"])
-        self.check_consistency()
+        super().__post_init__(**kwargs)
 
     @property
     def image_seq_length(self) -> int:
@@ -198,16 +178,12 @@ class NextChatConfig(PreTrainedConfig):
 
     @property
     def special_token_ids(self) -> dict[str, int]:
-        return {
-            "image_token_id": self.image_token_id,
-            "image_start_token_id": self.image_start_token_id,
-            "image_end_token_id": self.image_end_token_id,
-            "trigger_token_id": self.trigger_token_id,
-            "box_token_id": self.box_token_id,
-        }
+        """The id of each of the five NExT-Chat tokens, keyed by its config field (`NEXTCHAT_SPECIAL_TOKENS`)."""
+        return {name: getattr(self, name) for name in NEXTCHAT_SPECIAL_TOKENS}
 
-    def check_consistency(self):
-        """Raise a `ValueError` naming the field when the configuration cannot describe a working model."""
+    def validate_token_ids(self):
+        """Part of `@strict`-powered validation: the five NExT-Chat token ids are distinct ids of the vocabulary."""
+        super().validate_token_ids()
         vocab_size = self.text_config.vocab_size
         ids = self.special_token_ids
         for name, token_id in ids.items():
@@ -219,8 +195,10 @@ class NextChatConfig(PreTrainedConfig):
         if len(set(ids.values())) != len(ids):
             raise ValueError(f"the five NExT-Chat token ids must be distinct, got {ids}")
 
-        if not isinstance(self.projector_depth, int) or self.projector_depth < 1:
-            raise ValueError(f"`projector_depth` must be an integer >= 1, got {self.projector_depth!r}")
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: the sizes describe a model that can be built."""
+        if self.projector_depth < 1:
+            raise ValueError(f"`projector_depth` must be >= 1, got {self.projector_depth!r}")
         num_layers = self.vision_config.num_hidden_layers
         if not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:
             raise ValueError(
@@ -236,34 +214,19 @@ class NextChatConfig(PreTrainedConfig):
             raise ValueError("`text_config.hidden_size` must be at least 2 (the box MLPs use hidden_size // 2)")
         if self.num_seg_prompt_tokens < 1:
             raise ValueError(f"`num_seg_prompt_tokens` must be >= 1, got {self.num_seg_prompt_tokens}")
+        if self.sam_config is not None:
+            self._check_sam_config(self.sam_config)
+
+    def validate_options(self):
+        """Part of `@strict`-powered validation: the options hold one of their values."""
         if self.box_decoder_activation not in _BOX_DECODER_ACTIVATIONS:
             raise ValueError(
                 f"`box_decoder_activation` must be one of {_BOX_DECODER_ACTIVATIONS}, got {self.box_decoder_activation!r}"
             )
-        if not isinstance(self.box_region_features, bool):
-            raise ValueError(f"`box_region_features` must be True or False, got {self.box_region_features!r}")
-        if not isinstance(self.attention_loss_per_head, bool):
-            raise ValueError(f"`attention_loss_per_head` must be True or False, got {self.attention_loss_per_head!r}")
-        for name in ("grounding_attention_heads", "region_attention_heads"):
-            heads, count = getattr(self, name), self.text_config.num_attention_heads
-            if heads is not None and (
-                not heads or any(not 0 <= h < count for h in heads) or len(set(heads)) < len(heads)
-            ):
-                raise ValueError(f"`{name}`={heads!r} must be a non-empty list of distinct heads in [0, {count})")
-        if self.grounding_attention_layers is not None:
-            layers = self.text_config.num_hidden_layers
-            bad = [i for i in self.grounding_attention_layers if not -layers <= i < layers]
-            if bad or not self.grounding_attention_layers:
-                raise ValueError(
-                    f"`grounding_attention_layers`={self.grounding_attention_layers!r} must be a non-empty list of "
-                    f"layer indices of the language model ({layers} layers: -{layers}..{layers - 1})"
-                )
         if self.sam_box_prompt not in ("predicted", "target"):
             raise ValueError(f"`sam_box_prompt` must be 'predicted' or 'target', got {self.sam_box_prompt!r}")
         if self.mask_loss_type not in _MASK_LOSS_TYPES:
             raise ValueError(f"`mask_loss_type` must be one of {_MASK_LOSS_TYPES}, got {self.mask_loss_type!r}")
-        if self.sam_config is not None:
-            self._check_sam_config(self.sam_config)
 
     @staticmethod
     def _check_sam_config(sam: dict[str, Any]):
@@ -290,4 +253,4 @@ class NextChatConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["NextChatConfig", "SAM_VIT_H_CONFIG"]
+__all__ = ["LEGACY_TRAINING_FIELDS", "NEXTCHAT_SPECIAL_TOKENS", "NextChatConfig", "SAM_VIT_H_CONFIG"]

@@ -140,6 +140,16 @@ class NextChatGenerationMixin:
             position = cache.get_seq_length() - 1
             self._trigger_recorder.record(position, pending, boxes, hidden)
 
+    def _record_last_position(self, cache, input_ids, hidden_states):
+        """Called by `forward` when it returns a cache: whether each row's last position is a trigger, and its box."""
+        last_is_trigger = input_ids[:, -1] == self.config.trigger_token_id
+        last_hidden = hidden_states[:, -1]
+        if bool(last_is_trigger.any()):
+            last_boxes = self.decode_boxes(last_hidden)
+        else:
+            last_boxes = last_hidden.new_zeros((last_hidden.shape[0], 4))
+        self._record_triggers(cache, last_is_trigger, last_boxes, last_hidden)
+
     def _reorder_cache(self, cache, beam_idx):
         """Reorders the key/value cache AND the trigger state with the beams (called by beam search)."""
         state = getattr(cache, _STATE_ATTRIBUTE, None)
@@ -147,6 +157,49 @@ class NextChatGenerationMixin:
         if state is not None:
             setattr(cache, _STATE_ATTRIBUTE, state.index_select(beam_idx))
         return cache
+
+    def _predicted_box_inputs(self, input_ids, attention_mask, position_ids, cache, pixel_values, box_inputs,
+                              box_inputs_mask):
+        """`box_inputs` `(B, N + K, 4)` and mask extended, per row, with the boxes predicted at the triggers before the
+        `<boxes>` tokens that the given boxes do not fill (K at most per row). Without a cache each prediction needs
+        the ones before it, so the language model runs K times here (once per generated trigger of the longest
+        row), each pass making one more box exact."""
+        config = self.config
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("`predict_generated_boxes` works on whole sequences; with a cache the boxes travel on it")
+        box_tokens = input_ids == config.box_token_id
+        rows = input_ids.shape[0]
+        given = (box_inputs_mask.bool().sum(1) if box_inputs is not None else input_ids.new_zeros(rows)).to(
+            input_ids.device
+        )
+        generated = box_tokens & ((box_tokens.long().cumsum(1) - 1) >= given[:, None])
+        if not bool(generated.any()):
+            return box_inputs, box_inputs_mask
+        after_trigger = torch.zeros_like(generated)
+        after_trigger[:, 1:] = input_ids[:, :-1] == config.trigger_token_id
+        if bool((generated & ~after_trigger).any()):
+            raise ValueError("a `<boxes>` token without a box in `box_inputs` must follow a `<at>` to be predicted")
+        given_width = box_inputs.shape[1] if box_inputs is not None else 0
+        rank = generated.long().cumsum(1) - 1
+        rows_at, columns_at = torch.nonzero(generated, as_tuple=True)
+        slots = given_width + rank[rows_at, columns_at]
+        width = given_width + int(generated.sum(1).max())
+        dtype = box_inputs.dtype if box_inputs is not None else torch.float32
+        boxes = torch.zeros((rows, width, 4), dtype=dtype, device=input_ids.device)
+        mask = torch.zeros((rows, width), dtype=torch.bool, device=input_ids.device)
+        if box_inputs is not None:
+            boxes[:, :given_width] = box_inputs.to(boxes.device)
+            mask[:, :given_width] = box_inputs_mask.bool().to(mask.device)
+        mask[rows_at, slots] = True
+        for _ in range(int(generated.sum(1).max())):
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                pixel_values=pixel_values, box_inputs=boxes, box_inputs_mask=mask, use_cache=False,
+                return_dict=True,
+            ).last_hidden_state
+            boxes = boxes.clone()
+            boxes[rows_at, slots] = self.decode_boxes(hidden[rows_at, columns_at - 1]).to(boxes.dtype)
+        return boxes, mask
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

@@ -1,7 +1,7 @@
 """Image processor of NExT-Chat: image inputs to RGB, the CLIP input and the SAM input.
 
-Everything here is plain PIL + numpy so that the pixel values never depend on which optional backend
-(torchvision or not) happens to be installed. The frames and their conversions live in ``geometry_nextchat``.
+Everything here is plain PIL + numpy (the CLIP branch is transformers' `CLIPImageProcessorPil`) so that the pixel
+values never depend on which optional backend (torchvision or not) happens to be installed. The frames and their conversions live in ``geometry_nextchat``.
 """
 
 import os
@@ -365,40 +365,17 @@ class NextChatImageProcessor(BaseImageProcessor):
 
     # -- the two branches -------------------------------------------------------------------------------------
 
-    def _clip_branch(self, image: PIL.Image.Image) -> np.ndarray:
+    def _clip_processor(self):
+        """transformers' CLIP image processor (PIL backend) with this processor's CLIP fields: the CLIP branch is
+        CLIP's own arithmetic, applied to the padded square."""
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(**{name: getattr(self, name) for name in self._CLIP_FIELDS})
+
+    def _clip_branch(self, images: list[PIL.Image.Image]) -> np.ndarray:
         if self.do_pad_to_square:
-            image = expand2square(image, self.pad_color)
-        if self.do_resize:
-            width, height = image.size
-            if "shortest_edge" in self.size:
-                short, long = (width, height) if width <= height else (height, width)
-                new_short = self.size["shortest_edge"]
-                new_long = int(new_short * long / short)
-                new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
-            else:
-                new_h, new_w = self.size["height"], self.size["width"]
-            if (new_w, new_h) != (width, height):
-                image = image.resize((new_w, new_h), resample=self.resample, reducing_gap=None)
-        arr = np.asarray(image)  # (H, W, 3) uint8
-        if self.do_center_crop:
-            crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
-            height, width = arr.shape[:2]
-            if crop_h > height or crop_w > width:
-                new_h, new_w = max(crop_h, height), max(crop_w, width)
-                padded = np.zeros((new_h, new_w, 3), dtype=arr.dtype)
-                top, left = (new_h - height) // 2, (new_w - width) // 2
-                padded[top : top + height, left : left + width] = arr
-                arr, height, width = padded, new_h, new_w
-            top, left = (height - crop_h) // 2, (width - crop_w) // 2
-            arr = arr[top : top + crop_h, left : left + crop_w]
-        out = arr.astype(np.float32)
-        if self.do_rescale:
-            out = (arr * self.rescale_factor).astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)
-            std = np.asarray(self.image_std, dtype=np.float32)
-            out = (out - mean) / std
-        return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+            images = [expand2square(image, self.pad_color) for image in images]
+        return self._clip_processor()(images, return_tensors="np")["pixel_values"].astype(np.float32)
 
     def _sam_branch(self, image: PIL.Image.Image) -> np.ndarray:
         size = self.sam_image_size
@@ -478,7 +455,7 @@ class NextChatImageProcessor(BaseImageProcessor):
         if not flat:
             raise ValueError("`images` is empty")
         rgb = [to_rgb_image(img, input_data_format, "images") for img in flat]
-        pixel_values = np.stack([processor._clip_branch(img) for img in rgb])
+        pixel_values = processor._clip_branch(rgb)
         data = {
             "pixel_values": pixel_values,
             "image_sizes": np.array([[img.height, img.width] for img in rgb], dtype=np.int64),

@@ -5,7 +5,6 @@ The last-layer hidden state at every trigger token `<at>` is decoded by `loc_dec
 """
 
 import importlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +19,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
-from .loss_nextchat import box_losses, box_patch_targets, mask_losses, per_query_attention_loss
-
-
-IGNORE_INDEX = -100
-REGION_GRID = 7  # with `box_region_features`: a box's feature averages REGION_GRID x REGION_GRID bilinear samples
+from .loss_nextchat import NextChatLossWeights, answer_box_slots, check_label_inputs, compute_losses
 
 
 # Keyword arguments that travel from `forward` to the language model (transformers' own per-call options).
@@ -47,70 +42,6 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 def _mlp(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
-
-
-def region_features(image_features: torch.Tensor, boxes: torch.Tensor, grid: int = REGION_GRID) -> torch.Tensor:
-    """Mean of the image features sampled bilinearly at the centres of a `grid` x `grid` partition of each box.
-
-    Args:
-        image_features: `(K, N, hidden)` patch features (N = side², row-major) of the image each box belongs to.
-        boxes: `(K, 4)` normalised xyxy boxes in the frame the vision tower sees (the padded square); clamped into
-            the image, corners in either order.
-
-    Returns:
-        `(K, hidden)` features.
-    """
-    num, length, hidden = image_features.shape
-    side = math.isqrt(length)
-    maps = image_features.transpose(1, 2).reshape(num, hidden, side, side).float()
-    boxes = boxes.float().clamp(0, 1)
-    low, high = torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])
-    steps = (torch.arange(grid, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid
-    points = low[:, None, :] + steps[None, :, None] * (high - low)[:, None, :]  # (K, grid, 2): x and y per step
-    xs, ys = points[..., 0], points[..., 1]
-    sample_grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (K, grid, grid, 2)
-    sampled = nn.functional.grid_sample(maps, sample_grid * 2 - 1, mode="bilinear", padding_mode="border",
-                                        align_corners=False)
-    return sampled.mean(dim=(2, 3)).to(image_features.dtype)
-
-
-LOSS_WEIGHT_NAMES = (
-    "lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight", "cycle_box_loss_weight",
-    "grounding_attention_loss_weight", "region_attention_loss_weight", "mask_ce_loss_weight", "mask_dice_loss_weight",
-    "mask_iou_loss_weight",
-)
-
-
-@dataclass
-class NextChatLossWeights:
-    """The weights of the loss terms: training arguments, not model configuration.
-
-    Set them on a model as ``model.loss_weights = NextChatLossWeights(...)`` (the stage presets of
-    `nextchat.training` always do): a model attribute, never written to ``config.json``, so a checkpoint never hands
-    the weights of its last training phase to the next one. The defaults are the original NExT-Chat's: LM 1,
-    box L1 2, GIoU 0.2, both cycle losses 1, mask focal/BCE 20, dice 1, IoU head 1 (the attention terms, not in the
-    original, 0). While ``model.loss_weights`` is None, ``forward`` falls back to the ``*_loss_weight`` fields of the
-    config (what older versions did; old ``config.json`` files that carry them load unchanged).
-    """
-
-    lm_loss_weight: float = 1.0
-    box_l1_loss_weight: float = 2.0
-    box_giou_loss_weight: float = 0.2
-    cycle_embed_loss_weight: float = 1.0
-    cycle_box_loss_weight: float = 1.0
-    grounding_attention_loss_weight: float = 0.0
-    region_attention_loss_weight: float = 0.0
-    mask_ce_loss_weight: float = 20.0
-    mask_dice_loss_weight: float = 1.0
-    mask_iou_loss_weight: float = 1.0
-
-    @classmethod
-    def from_config(cls, config) -> "NextChatLossWeights":
-        """The weights a config carries (the legacy place), defaults where it has none."""
-        return cls(**{name: getattr(config, name) for name in LOSS_WEIGHT_NAMES if hasattr(config, name)})
-
-    def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in LOSS_WEIGHT_NAMES}
 
 
 def _build_projector(depth: int, in_features: int, out_features: int) -> nn.Sequential:
@@ -152,8 +83,7 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
             input, when `sam_pixel_values` was given.
         iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
         lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
-        mask_iou_loss, grounding_attention_loss, region_attention_loss: the unweighted loss terms (each normalised
-            by its own item count).
+        mask_iou_loss: the unweighted loss terms (each normalised by its own item count).
     """
 
     loss: torch.FloatTensor | None = None
@@ -174,8 +104,6 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     mask_ce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_iou_loss: torch.FloatTensor | None = None
-    grounding_attention_loss: torch.FloatTensor | None = None
-    region_attention_loss: torch.FloatTensor | None = None
 
 
 MODEL_AUTO_MAP = {
@@ -290,8 +218,8 @@ class NextChatModel(NextChatPreTrainedModel):
         return outputs
 
     def _merge_image_features(self, input_ids, inputs_embeds, pixel_values, output_attentions=None):
-        """Puts the projected patch features at the `<im_patch>` slots; also returns them, `(num_images, N, hidden)`,
-        and `get_image_features`' output (both `None` without `pixel_values`)."""
+        """Puts the projected patch features at the `<im_patch>` slots; also returns `get_image_features`' output
+        (`None` without `pixel_values`)."""
         image_mask = input_ids == self.config.image_token_id
         per_image = self.config.image_seq_length
         if pixel_values is None:
@@ -301,7 +229,7 @@ class NextChatModel(NextChatPreTrainedModel):
                     f"`input_ids` hold {num_tokens} image placeholders (`<im_patch>`, id {self.config.image_token_id}) "
                     "but no `pixel_values` were given"
                 )
-            return inputs_embeds, None, None
+            return inputs_embeds, None
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must have shape (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
         num_tokens = int(image_mask.sum())
@@ -317,17 +245,9 @@ class NextChatModel(NextChatPreTrainedModel):
         image_outputs = self.get_image_features(pixel_values, return_dict=True, **kwargs)
         features = torch.stack(image_outputs.pooler_output).to(inputs_embeds.dtype)
         flat = features.reshape(-1, features.shape[-1])
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), features, image_outputs
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat), image_outputs
 
-    def _image_block_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        """`(B, T)` index (row-major over the batch) of the last image block that ends at or before each position;
-        -1 where the position's row has none before it."""
-        blocks = (input_ids == self.config.image_token_id).long().cumsum(1) // self.config.image_seq_length
-        blocks_in_earlier_rows = blocks[:, -1].cumsum(0) - blocks[:, -1]
-        return torch.where(blocks > 0, blocks_in_earlier_rows[:, None] + blocks - 1, -1)
-
-    def _merge_box_embeddings(self, input_ids, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask,
-                              image_features, region_box_mask):
+    def _merge_box_embeddings(self, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask):
         per_row = box_token_mask.sum(dim=1)
         if box_inputs is None:
             if bool(per_row.any()):
@@ -339,15 +259,6 @@ class NextChatModel(NextChatPreTrainedModel):
         if boxes.shape[0] == 0:
             return inputs_embeds
         box_embeds = self.loc_encoder(boxes.to(_dtype_of(self.loc_encoder)))
-        if self.config.box_region_features and image_features is not None:
-            image_index = self._image_block_of(input_ids)
-            if region_box_mask is not None:
-                image_index = image_index.masked_fill(~region_box_mask.to(image_index.device), -1)
-            image_index = image_index[box_token_mask]
-            has_image = (image_index >= 0)[:, None]
-            # a read-out of the features, without gradient: the projector learns from the image tokens alone
-            pooled = region_features(image_features[image_index.clamp(min=0)].detach(), boxes)
-            box_embeds = box_embeds + pooled.to(box_embeds.dtype) * has_image.to(box_embeds.dtype)
         return inputs_embeds.masked_scatter(box_token_mask.unsqueeze(-1), box_embeds.to(inputs_embeds.dtype))
 
     @can_return_tuple
@@ -361,21 +272,18 @@ class NextChatModel(NextChatPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         box_inputs: torch.FloatTensor | None = None,
         box_inputs_mask: torch.BoolTensor | None = None,
-        region_box_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> NextChatModelOutputWithPast:
         """Embeds `input_ids` (image features at `<im_patch>`, `loc_encoder(box)` at `<boxes>`) and runs the LM.
 
-        `input_ids` are required: the positions of the NExT-Chat tokens are read from them. With
-        `config.box_region_features`, `region_box_mask` (`(batch_size, sequence_length)` bool) says which `<boxes>`
-        also get their region's image features; default: every `<boxes>` given in `box_inputs`.
+        `input_ids` are required: the positions of the NExT-Chat tokens are read from them.
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required: NExT-Chat finds its image and box slots by token id")
         _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS, "NextChatModel.forward")
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds, image_features, image_outputs = self._merge_image_features(
+        inputs_embeds, image_outputs = self._merge_image_features(
             input_ids, inputs_embeds, pixel_values, kwargs.get("output_attentions")
         )
 
@@ -389,10 +297,8 @@ class NextChatModel(NextChatPreTrainedModel):
             pending = state.pending.to(box_token_mask.device)
             box_token_mask = box_token_mask.clone()
             box_token_mask[:, 0] &= ~pending
-        inputs_embeds = self._merge_box_embeddings(
-            input_ids, box_token_mask, inputs_embeds, box_inputs, box_inputs_mask, image_features, region_box_mask
-        )
-        if state is not None:  # a predicted box: loc_encoder alone, never region features
+        inputs_embeds = self._merge_box_embeddings(box_token_mask, inputs_embeds, box_inputs, box_inputs_mask)
+        if state is not None:
             pending_embeds = self.loc_encoder(state.boxes.to(_dtype_of(self.loc_encoder)))
             first = torch.where(pending[:, None], pending_embeds.to(inputs_embeds.dtype), inputs_embeds[:, 0])
             inputs_embeds = torch.cat([first[:, None], inputs_embeds[:, 1:]], dim=1)
@@ -475,14 +381,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         else:
             self.seg_prompt_mlp = None
             self.sam = None
-        # training arguments, not configuration (`NextChatLossWeights`); None: the config's legacy fields
-        self.loss_weights = None
+        # training arguments, not configuration: never saved in config.json (the stage presets set them)
+        self.loss_weights = NextChatLossWeights()
         self.post_init()
-
-    def effective_loss_weights(self) -> NextChatLossWeights:
-        """The loss weights `forward` uses: `self.loss_weights`, or the config's legacy fields when it is None."""
-        weights = getattr(self, "loss_weights", None)
-        return weights if weights is not None else NextChatLossWeights.from_config(self.config)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -544,21 +445,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             raise ValueError(
                 f"`sam_pixel_values` must have shape (batch, 3, {size}, {size}), got {tuple(sam_pixel_values.shape)}"
             )
-        sam_dtype = self.sam.mask_decoder.iou_token.weight.dtype
         prompts = self.seg_prompt_mlp(trigger_hidden_states.to(_dtype_of(self.seg_prompt_mlp)))
         prompts = prompts.view(prompts.shape[0], self.config.num_seg_prompt_tokens, -1)
-        images, inverse = torch.unique(image_index, return_inverse=True)
-        embeddings = self.sam.get_image_embeddings(sam_pixel_values[images.to(sam_pixel_values.device)].to(sam_dtype))
-        pred_masks = iou_scores = None
-        for i in range(len(images)):
-            selected = torch.nonzero(inverse == i).flatten()
-            masks, scores = self.sam.decode_masks(embeddings[i : i + 1], prompts[selected], boxes[selected] * size)
-            if pred_masks is None:
-                pred_masks = masks.new_empty((len(image_index),) + masks.shape[1:])
-                iou_scores = scores.new_empty(len(image_index))
-            pred_masks[selected] = masks
-            iou_scores[selected] = scores
-        return pred_masks, iou_scores
+        return self.sam.predict_masks(sam_pixel_values, prompts, boxes, image_index)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
@@ -614,25 +503,17 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             inputs_embeds: not supported (a `ValueError` unless `None`); accepted so that wrappers such as PEFT's
                 `PeftModelForCausalLM`, which always pass it, work.
             return_dict (`bool`, *optional*): `False` returns a tuple of the non-`None` output fields.
-            region_box_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): with
-                `config.box_region_features`, the `<boxes>` that get their region's image features. Default: all but
-                the answer boxes (those after a labelled trigger) when `labels` are given, else all.
             num_items_in_batch (`int`, `torch.Tensor` or `dict`): normaliser(s) over a gradient-accumulated batch.
-                An int is the number of LM target tokens (what `Trainer` passes); a dict from
-                `count_loss_items` summed over the micro-batches makes every term exact.
+                An int is the number of LM target tokens (what `Trainer` passes); a dict of `count_loss_items`
+                (`loss_nextchat`) summed over the micro-batches makes every term exact.
         """
         if inputs_embeds is not None:
             raise ValueError(
                 "`inputs_embeds` are not supported: NExT-Chat builds its input embeddings from `input_ids` (image and "
                 "box slots are found by token id); pass `input_ids`"
             )
-        _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS | {"region_box_mask"}, "NextChatForConditionalGeneration.forward")
-        if shift_labels is not None and labels is None:
-            raise ValueError("`shift_labels` need `labels` too (they select the answer triggers of the box losses)")
-        if shift_labels is not None and shift_labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`shift_labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(shift_labels.shape)}"
-            )
+        _check_kwargs(kwargs, LANGUAGE_MODEL_KWARGS, "NextChatForConditionalGeneration.forward")
+        check_label_inputs(input_ids, labels, shift_labels, logits_to_keep)
         if predict_generated_boxes:
             box_inputs, box_inputs_mask = self._predicted_box_inputs(
                 input_ids, attention_mask, position_ids, cache, pixel_values, box_inputs, box_inputs_mask
@@ -641,12 +522,6 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             use_cache = False  # training needs no key/value cache
         if box_inputs is not None and box_inputs_mask is None:
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
-        weights = self.effective_loss_weights()
-        if labels is not None and (weights.grounding_attention_loss_weight or weights.region_attention_loss_weight):
-            kwargs["output_attentions"] = True
-        if labels is not None and self.config.box_region_features:
-            answer_boxes = _answer_box_positions(input_ids, labels, self.config.trigger_token_id)
-            kwargs.setdefault("region_box_mask", ~answer_boxes)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -672,21 +547,11 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         pred_boxes = self.decode_boxes(trigger_hidden) if len(trigger_hidden) else trigger_hidden.new_zeros((0, 4))
 
         if new_cache is not None:
-            last_is_trigger = input_ids[:, -1] == self.config.trigger_token_id
-            last_hidden = hidden_states[:, -1]
-            if bool(last_is_trigger.any()):
-                last_boxes = self.decode_boxes(last_hidden)
-            else:
-                last_boxes = last_hidden.new_zeros((last_hidden.shape[0], 4))
-            self._record_triggers(new_cache, last_is_trigger, last_boxes, last_hidden)
+            self._record_last_position(new_cache, input_ids, hidden_states)
 
         answers = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
-                )
-            answers = self._answer_box_slots(input_ids, labels, box_inputs, box_inputs_mask, trigger_positions)
+            answers = answer_box_slots(input_ids, labels, box_inputs, box_inputs_mask, trigger_positions, self.config)
 
         pred_masks = iou_scores = None
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
@@ -713,321 +578,13 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             iou_scores=iou_scores,
         )
         if labels is not None:
-            self._compute_losses(
-                output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
-                sam_pixel_values, num_items_in_batch, logits_to_keep, shift_labels,
-            )
+            inputs = dict(input_ids=input_ids, labels=labels, box_inputs=box_inputs, box_inputs_mask=box_inputs_mask,
+                          mask_targets=mask_targets, sam_pixel_values=sam_pixel_values, shift_labels=shift_labels)
+            compute_losses(self, output, inputs, answers, trigger_hidden, num_items_in_batch)
         return output
-
-    def _predicted_box_inputs(self, input_ids, attention_mask, position_ids, cache, pixel_values, box_inputs,
-                              box_inputs_mask):
-        """`box_inputs` `(B, N + K, 4)` and mask extended, per row, with the boxes predicted at the triggers before the
-        `<boxes>` tokens that the given boxes do not fill (K at most per row). Without a cache each prediction needs
-        the ones before it, so the language model runs K times here (once per generated trigger of the longest
-        row), each pass making one more box exact."""
-        config = self.config
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("`predict_generated_boxes` works on whole sequences; with a cache the boxes travel on it")
-        box_tokens = input_ids == config.box_token_id
-        rows = input_ids.shape[0]
-        given = (box_inputs_mask.bool().sum(1) if box_inputs is not None else input_ids.new_zeros(rows)).to(
-            input_ids.device
-        )
-        generated = box_tokens & ((box_tokens.long().cumsum(1) - 1) >= given[:, None])
-        if not bool(generated.any()):
-            return box_inputs, box_inputs_mask
-        after_trigger = torch.zeros_like(generated)
-        after_trigger[:, 1:] = input_ids[:, :-1] == config.trigger_token_id
-        if bool((generated & ~after_trigger).any()):
-            raise ValueError("a `<boxes>` token without a box in `box_inputs` must follow a `<at>` to be predicted")
-        given_width = box_inputs.shape[1] if box_inputs is not None else 0
-        rank = generated.long().cumsum(1) - 1
-        rows_at, columns_at = torch.nonzero(generated, as_tuple=True)
-        slots = given_width + rank[rows_at, columns_at]
-        width = given_width + int(generated.sum(1).max())
-        dtype = box_inputs.dtype if box_inputs is not None else torch.float32
-        boxes = torch.zeros((rows, width, 4), dtype=dtype, device=input_ids.device)
-        mask = torch.zeros((rows, width), dtype=torch.bool, device=input_ids.device)
-        if box_inputs is not None:
-            boxes[:, :given_width] = box_inputs.to(boxes.device)
-            mask[:, :given_width] = box_inputs_mask.bool().to(mask.device)
-        mask[rows_at, slots] = True
-        for _ in range(int(generated.sum(1).max())):
-            hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                pixel_values=pixel_values, box_inputs=boxes, box_inputs_mask=mask, use_cache=False,
-                return_dict=True,
-            ).last_hidden_state
-            boxes = boxes.clone()
-            boxes[rows_at, slots] = self.decode_boxes(hidden[rows_at, columns_at - 1]).to(boxes.dtype)
-        return boxes, mask
-
-    def _answer_box_slots(self, input_ids, labels, box_inputs, box_inputs_mask, trigger_positions):
-        """Which triggers are answer (labelled) triggers, `(K,)` bool, and the `(row, slot)` in `box_inputs` of the
-        box each is trained on, `(n_answer, 2)` (None without answer triggers). Shared by SAM's target prompts and
-        the losses."""
-        assistant = labels[trigger_positions[:, 0], trigger_positions[:, 1]] != IGNORE_INDEX
-        if not bool(assistant.any()):
-            return assistant, None
-        slots = _assistant_box_slots(
-            input_ids, labels, box_inputs_mask if box_inputs is not None else None, self.config.trigger_token_id,
-            self.config.box_token_id, box_inputs=box_inputs,
-        )
-        return assistant, slots
-
-    @staticmethod
-    def count_loss_items(
-        input_ids, labels, box_inputs_mask=None, mask_targets=None, trigger_token_id=None, box_token_id=None,
-        region_turns: bool = True, shift_labels=None,
-    ) -> dict:
-        """Item counts of each loss term in one micro-batch; sum them over micro-batches and pass the sums as
-        `num_items_in_batch` to make every term exactly the mean over the accumulated batch. `region_turns=False`
-        skips counting region-caption turns (left at 0); `shift_labels`, when the LM targets come pre-shifted."""
-        shifted = labels[:, 1:] if shift_labels is None else shift_labels
-        targets = (shifted != IGNORE_INDEX) & (shifted != box_token_id)
-        assistant = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
-        counts = {
-            "tokens": int(targets.sum()),
-            "boxes": int(assistant.sum()),
-            "input_boxes": int(box_inputs_mask.sum()) if box_inputs_mask is not None else 0,
-            "masks": 0,
-            "region_turns": 0,
-        }
-        if region_turns and box_inputs_mask is not None and counts["input_boxes"]:
-            _, _, weights = _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
-            counts["region_turns"] = round(float(weights.sum()))
-        if mask_targets is not None and counts["boxes"]:
-            slots = _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id)
-            has_mask = (mask_targets.flatten(2) >= 0).all(-1)
-            counts["masks"] = int(has_mask[slots[:, 0], slots[:, 1]].sum())
-        return counts
-
-    def _compute_losses(
-        self, output, input_ids, labels, answers, trigger_hidden, box_inputs, box_inputs_mask, mask_targets,
-        sam_pixel_values, num_items_in_batch, logits_to_keep, shift_labels=None,
-    ):
-        config = self.config
-        weights = self.effective_loss_weights()
-        if logits_to_keep not in (0, None):
-            raise ValueError("`labels` need logits for every position; do not pass `logits_to_keep` with them")
-        local = self.count_loss_items(
-            input_ids, labels, box_inputs_mask, mask_targets, config.trigger_token_id, config.box_token_id,
-            region_turns=bool(weights.region_attention_loss_weight),  # not on the forward path when the term is off
-            shift_labels=shift_labels,
-        )
-        normalisers = _normalisers(local, num_items_in_batch)
-
-        if shift_labels is None:
-            shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        shift_labels = shift_labels.masked_fill(shift_labels == config.box_token_id, IGNORE_INDEX)
-        ce = nn.functional.cross_entropy(
-            output.logits.float().flatten(0, 1),
-            shift_labels.flatten().to(output.logits.device),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        output.lm_loss = ce / normalisers["tokens"]
-        total = weights.lm_loss_weight * output.lm_loss
-
-        is_trigger = output.trigger_positions
-        assistant, slots = answers
-        if slots is not None:
-            targets = box_inputs[slots[:, 0], slots[:, 1]].to(output.pred_boxes.dtype)
-            pred = output.pred_boxes[assistant]
-            l1, giou = box_losses(pred, targets)
-            output.box_l1_loss = l1 / (4 * normalisers["boxes"])
-            output.box_giou_loss = giou / normalisers["boxes"]
-            hidden = trigger_hidden[assistant]
-            reencoded = self.loc_encoder(pred.to(_dtype_of(self.loc_encoder)))
-            cycle = ((reencoded.float() - hidden.float()) ** 2).sum()
-            output.cycle_embed_loss = cycle / (hidden.shape[-1] * normalisers["boxes"])
-            total = (
-                total
-                + weights.box_l1_loss_weight * output.box_l1_loss
-                + weights.box_giou_loss_weight * output.box_giou_loss
-                + weights.cycle_embed_loss_weight * output.cycle_embed_loss
-            )
-            if mask_targets is not None and sam_pixel_values is not None:
-                total = total + self._mask_loss(output, assistant, slots, mask_targets, normalisers)
-            elif mask_targets is not None:
-                raise ValueError("`mask_targets` need `sam_pixel_values` to predict masks")
-
-        if box_inputs is not None and local["input_boxes"]:
-            boxes = box_inputs[box_inputs_mask.bool()] if box_inputs_mask is not None else box_inputs.flatten(0, 1)
-            boxes = boxes.to(_dtype_of(self.loc_encoder))
-            cycled = self.decode_boxes(self.loc_encoder(boxes))
-            output.cycle_box_loss = (cycled.float() - boxes.float()).abs().sum() / (4 * normalisers["input_boxes"])
-            total = total + weights.cycle_box_loss_weight * output.cycle_box_loss
-
-        if weights.grounding_attention_loss_weight and bool(assistant.any()):
-            # Only the triggers: also asking each `<boxes>` to look at the box it is fed (for region captions)
-            # was measured to stop the triggers from learning to find objects by name.
-            per_query, _ = self._attention_mass_loss(
-                output, input_ids, is_trigger[assistant], targets.float(), config.grounding_attention_heads
-            )
-            output.grounding_attention_loss = per_query.sum() / normalisers["boxes"]
-            total = total + weights.grounding_attention_loss_weight * output.grounding_attention_loss
-        if weights.region_attention_loss_weight and box_inputs is not None:
-            queries, slots, turn_weights = _region_caption_queries(
-                input_ids, labels, box_inputs_mask, config.trigger_token_id, config.box_token_id
-            )
-            if queries.shape[0]:
-                boxes = box_inputs[slots[:, 0], slots[:, 1]].float()
-                per_query, usable = self._attention_mass_loss(
-                    output, input_ids, queries, boxes, config.region_attention_heads
-                )
-                output.region_attention_loss = (per_query * turn_weights[usable]).sum() / normalisers["region_turns"]
-                total = total + weights.region_attention_loss_weight * output.region_attention_loss
-        output.loss = total
-
-    def _attention_mass_loss(self, output, input_ids, queries, query_boxes, heads=None):
-        """`(K',)` `per_query_attention_loss` of the `(K, 2)` (row, column) `queries` over the patches of their
-        `(K, 4)` target boxes, averaged over the supervised layers, and the `(K,)` bool of the queries kept: a query
-        counts only in a row with one image block before it, whose patches its box is laid on."""
-        config = self.config
-        attentions = output.attentions
-        if not attentions or any(attention is None for attention in attentions):
-            raise ValueError(
-                "`grounding_attention_loss_weight` > 0 needs attention probabilities, which only eager attention "
-                "returns: load the model with `attn_implementation=\"eager\"` or call "
-                "`model.set_attn_implementation(\"eager\")`"
-            )
-        num_layers = len(attentions)
-        layers = config.grounding_attention_layers or list(range(1, num_layers)) or [0]
-        num_patches = config.image_seq_length
-        is_patch = input_ids == config.image_token_id
-        # column of each image patch of a row, in row-major patch order (a stable sort keeps the token order)
-        patch_columns = torch.sort(is_patch.to(torch.uint8), dim=1, descending=True, stable=True).indices
-        patch_columns = patch_columns[:, :num_patches]
-        rows, columns = queries[:, 0], queries[:, 1]
-        usable = (is_patch.sum(1)[rows] == num_patches) & (patch_columns[rows, -1] < columns)
-        rows, columns, query_boxes = rows[usable], columns[usable], query_boxes[usable]
-        patch_columns = patch_columns[rows]
-        per_layer = []
-        for layer in layers:
-            trigger_rows = attentions[layer][rows, :, columns]  # (K, heads, seq_len)
-            if heads is not None:
-                trigger_rows = trigger_rows[:, list(heads)]
-            index = patch_columns[:, None, :].expand(-1, trigger_rows.shape[1], -1).to(trigger_rows.device)
-            per_layer.append(torch.gather(trigger_rows, 2, index))
-        targets = box_patch_targets(query_boxes, math.isqrt(num_patches))
-        per_query = per_query_attention_loss(
-            torch.stack(per_layer), targets.to(per_layer[0].device), per_head=config.attention_loss_per_head
-        )
-        return per_query / len(layers), usable
-
-    def _mask_loss(self, output, assistant, slots, mask_targets, normalisers):
-        config = self.config
-        targets = mask_targets[slots[:, 0], slots[:, 1]]
-        has_mask = (targets.flatten(1) >= 0).all(-1)
-        if not bool(has_mask.any()):
-            return 0.0
-        logits = output.pred_masks[assistant][has_mask]
-        targets = targets[has_mask]
-        logits = nn.functional.interpolate(
-            logits[:, None].float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0]
-        ce, dice, iou = mask_losses(
-            logits, targets, output.iou_scores[assistant][has_mask], config.mask_loss_type,
-            config.mask_focal_alpha, config.mask_focal_gamma, config.mask_dice_smooth,
-        )
-        output.mask_ce_loss = ce / normalisers["masks"]
-        output.mask_dice_loss = dice / normalisers["masks"]
-        output.mask_iou_loss = iou / normalisers["masks"]
-        weights = self.effective_loss_weights()
-        return (
-            weights.mask_ce_loss_weight * output.mask_ce_loss
-            + weights.mask_dice_loss_weight * output.mask_dice_loss
-            + weights.mask_iou_loss_weight * output.mask_iou_loss
-        )
-
-
-def _answer_box_positions(input_ids, labels, trigger_token_id):
-    """`(B, T)` bool: the positions right after an answer (labelled) trigger, i.e. the `<boxes>` of the answer."""
-    answer_trigger = (input_ids == trigger_token_id) & (labels != IGNORE_INDEX)
-    return torch.nn.functional.pad(answer_trigger[:, :-1], (1, 0), value=False)
-
-
-def _region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id):
-    """The positions that predict the tokens of each region-caption turn — an assistant (labelled) turn without a
-    labelled `<at>` whose preceding user turn gives exactly one `<boxes>` — as `(Q, 2)` (row, column), the
-    `(Q, 2)` (row, slot) of that box in `box_inputs`, and `(Q,)` weights that sum to 1 over each turn."""
-    # an answer's own `<boxes>` (unlabelled, right after its labelled trigger) belongs to the answer
-    labelled = (labels != IGNORE_INDEX) | _answer_box_positions(input_ids, labels, trigger_token_id)
-    starts = labelled & ~torch.nn.functional.pad(labelled[:, :-1], (1, 0), value=False)
-    turn = starts.long().cumsum(1)  # labelled: its turn (1-based); unlabelled: the turn before it (0: none)
-    batch, length = input_ids.shape
-    num_turns = int(turn.max()) + 2 if length else 2
-    given = (input_ids == box_token_id) & ~labelled
-    rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, length)
-    # a given box belongs to the assistant turn that follows it
-    given_count = torch.zeros(batch, num_turns, dtype=torch.long, device=input_ids.device)
-    given_count.index_put_((rows[given], turn[given] + 1), torch.ones_like(turn[given]), accumulate=True)
-    grounds = torch.zeros_like(given_count)
-    answer_trigger = (input_ids == trigger_token_id) & labelled
-    grounds.index_put_((rows[answer_trigger], turn[answer_trigger]), torch.ones_like(turn[answer_trigger]),
-                       accumulate=True)
-    ordinal = (input_ids == box_token_id).long().cumsum(1) - 1
-    box_ordinal = torch.zeros_like(given_count)
-    box_ordinal[rows[given], turn[given] + 1] = ordinal[given]
-    qualifies = (given_count == 1) & (grounds == 0)
-    predicted = (labels != IGNORE_INDEX) & qualifies.gather(1, turn)  # label positions of qualifying turns
-    predicted[:, 0] = False  # position 0 cannot be predicted
-    q_rows, q_cols = torch.nonzero(predicted, as_tuple=True)
-    q_turns = turn[q_rows, q_cols]
-    size = torch.zeros_like(given_count)
-    size.index_put_((q_rows, q_turns), torch.ones_like(q_turns), accumulate=True)
-    weights = 1.0 / size[q_rows, q_turns].float()
-    slots = _slot_of_ordinal(box_inputs_mask)[q_rows, box_ordinal[q_rows, q_turns]]
-    return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
-
-
-def _assistant_box_slots(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id, box_inputs=None):
-    """`(K, 2)` (row, slot) indices into `box_inputs` of the box that follows each assistant trigger, row-major."""
-    triggers = torch.nonzero((input_ids == trigger_token_id) & (labels != IGNORE_INDEX))
-    rows, cols = triggers[:, 0], triggers[:, 1]
-    next_cols = cols + 1
-    if bool((next_cols >= input_ids.shape[1]).any()) or not bool(
-        (input_ids[rows, next_cols.clamp(max=input_ids.shape[1] - 1)] == box_token_id).all()
-    ):
-        raise ValueError(
-            "with `labels`, every assistant `<at>` must be followed by `<boxes>` carrying its target box in `box_inputs`"
-        )
-    if box_inputs_mask is None and box_inputs is None:
-        raise ValueError("`labels` contain assistant `<at>` triggers but no `box_inputs` hold their target boxes")
-    if box_inputs_mask is None:
-        box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=input_ids.device)
-    box_ordinal = ((input_ids == box_token_id).long().cumsum(dim=1) - 1)[rows, next_cols]
-    return torch.stack([rows, _slot_of_ordinal(box_inputs_mask)[rows, box_ordinal]], dim=1)
-
-
-def _slot_of_ordinal(box_inputs_mask):
-    """`(B, S)`: the slot index in `box_inputs` of each row's n-th `<boxes>` token (the n-th True slot of
-    `box_inputs_mask`), -1 past the last."""
-    mask = box_inputs_mask.bool()
-    slot_of_ordinal = torch.full_like(mask, -1, dtype=torch.long)
-    slot_rows, slot_cols = torch.nonzero(mask, as_tuple=True)
-    slot_of_ordinal[slot_rows, (mask.long().cumsum(dim=1) - 1)[slot_rows, slot_cols]] = slot_cols
-    return slot_of_ordinal
-
-
-def _normalisers(local: dict, num_items_in_batch) -> dict:
-    """Divisors of each summed loss term: the counts of the whole accumulated batch when known."""
-    if isinstance(num_items_in_batch, dict):
-        counts = {**local, **num_items_in_batch}  # a key the caller did not count: this micro-batch's own
-    elif num_items_in_batch is not None:
-        # Only the token count of the whole batch is known: scale every other term by this micro-batch's share of
-        # the tokens, so that summing the micro-batch losses gives a token-weighted mean rather than a sum.
-        share = float(num_items_in_batch) / max(local["tokens"], 1)
-        counts = {key: value * share for key, value in local.items()}
-        counts["tokens"] = num_items_in_batch
-    else:
-        counts = local
-    return {key: (value.clamp(min=1) if torch.is_tensor(value) else max(value, 1)) for key, value in counts.items()}
 
 
 __all__ = [
-    "NextChatLossWeights",
     "NextChatPreTrainedModel",
     "NextChatModel",
     "NextChatForConditionalGeneration",

@@ -25,6 +25,7 @@ from transformers.processing_utils import (
     VideosKwargs,
 )
 
+from .configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS
 from .drawing_nextchat import DRAW_COLORS, draw_grounding
 from .geometry_nextchat import (
     as_box_array,
@@ -150,23 +151,23 @@ class NextChatProcessor(ProcessorMixin):
         if not isinstance(image_seq_length, int) or isinstance(image_seq_length, bool) or image_seq_length < 1:
             raise ValueError(f"`image_seq_length` must be a positive int, got {image_seq_length!r}")
         self.image_seq_length = image_seq_length
-        defaults = {
-            "trigger_token": ("<at>", trigger_token),
-            "box_token": ("<boxes>", box_token),
-            "image_token": ("<im_patch>", image_token),
-            "image_start_token": ("<im_start>", image_start_token),
-            "image_end_token": ("<im_end>", image_end_token),
+        given_tokens = {
+            "trigger_token": trigger_token,
+            "box_token": box_token,
+            "image_token": image_token,
+            "image_start_token": image_start_token,
+            "image_end_token": image_end_token,
         }
         vocab = tokenizer.get_vocab()
         ids = {}
-        for name, (default, given) in defaults.items():
+        for name, given in given_tokens.items():
             value = given if given is not None else getattr(tokenizer, name, None)
             if not isinstance(value, str) or not value:
-                value = default
+                value = NEXTCHAT_SPECIAL_TOKENS[f"{name}_id"]
             if value not in vocab:
                 raise ValueError(
                     f"`{name}`={value!r} is not a token of the tokenizer; a NExT-Chat tokenizer has the added tokens "
-                    "<im_patch>, <im_start>, <im_end>, <at>, <boxes>"
+                    + ", ".join(NEXTCHAT_SPECIAL_TOKENS.values())
                 )
             setattr(self, name, value)
             ids[name] = vocab[value]
@@ -210,14 +211,8 @@ class NextChatProcessor(ProcessorMixin):
 
     @property
     def special_token_ids(self) -> dict[str, int]:
-        """The ids under the names of the `NextChatConfig` fields."""
-        return {
-            "image_token_id": self.image_token_id,
-            "image_start_token_id": self.image_start_token_id,
-            "image_end_token_id": self.image_end_token_id,
-            "trigger_token_id": self.trigger_token_id,
-            "box_token_id": self.box_token_id,
-        }
+        """The ids under the names of the `NextChatConfig` fields (`NEXTCHAT_SPECIAL_TOKENS`)."""
+        return {name: getattr(self, name) for name in NEXTCHAT_SPECIAL_TOKENS}
 
     @property
     def control_token_ids(self) -> frozenset[int]:

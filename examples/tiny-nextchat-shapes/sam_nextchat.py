@@ -111,3 +111,33 @@ class NextChatSamModel(nn.Module):
             multimask_output=False,
         )
         return masks[:, 0], iou[:, 0]
+
+    def predict_masks(
+        self, pixel_values: torch.Tensor, prompt_tokens: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of K prompts over a batch of images; the image encoder runs once per distinct image.
+
+        Args:
+            pixel_values: `(B, 3, S, S)` SAM inputs.
+            prompt_tokens: `(K, num_seg_prompt_tokens, prompt_dim)`.
+            boxes: `(K, 4)` normalised xyxy boxes (SAM frame).
+            image_index: `(K,)` which row of `pixel_values` each prompt belongs to.
+
+        Returns:
+            low-resolution mask logits `(K, 4h, 4w)` and predicted IoUs `(K,)`.
+        """
+        dtype = self.mask_decoder.iou_token.weight.dtype
+        images, inverse = torch.unique(image_index, return_inverse=True)
+        embeddings = self.get_image_embeddings(pixel_values[images.to(pixel_values.device)].to(dtype))
+        pred_masks = iou_scores = None
+        for i in range(len(images)):
+            selected = torch.nonzero(inverse == i).flatten()
+            masks, scores = self.decode_masks(
+                embeddings[i : i + 1], prompt_tokens[selected], boxes[selected] * self.image_size
+            )
+            if pred_masks is None:
+                pred_masks = masks.new_empty((len(image_index),) + masks.shape[1:])
+                iou_scores = scores.new_empty(len(image_index))
+            pred_masks[selected] = masks
+            iou_scores[selected] = scores
+        return pred_masks, iou_scores
