@@ -91,7 +91,7 @@ class NextChatProcessor(ProcessorMixin):
       are made of, so a user cannot inject an image slot or a trigger. Use ``[i]`` for box references and
       ``append_trigger=True`` to end a prompt with ``<at>`` (which asks the model for a box).
 
-    **Tokenisation** follows the original (transformers 4.31 slow ``LlamaTokenizer``, reference §4.2) regardless of
+    **Tokenisation** follows the original (transformers 4.31 slow ``LlamaTokenizer``) regardless of
     how the tokenizer folder is configured: whitespace on both sides of an image block and of an ``<at> <boxes>``
     pair is dropped (not around ``</s>``), and each stretch of text between them is encoded by the SentencePiece
     model on its own; the text at the very start gets the dummy-prefix ``▁``. What the text after a control token
