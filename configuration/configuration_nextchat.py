@@ -63,13 +63,14 @@ NEXTCHAT_SPECIAL_TOKENS = {
 }
 
 # Fields older versions kept in the config: training arguments (loss weights, now `NextChatLossWeights`; the
-# attention terms, now `nextchat.training.AttentionSupervision`) and an experimental input (`box_region_features`,
-# never enabled in a released model). Old `config.json` files carry them: they load, and the fields are dropped.
+# attention terms, now `nextchat.training.AttentionSupervision`; SAM's training box prompt, now the model's
+# `sam_box_prompt` attribute) and an experimental input (`box_region_features`, never enabled in a released
+# model). Old `config.json` files carry them: they load, and the fields are dropped.
 LEGACY_TRAINING_FIELDS = (
     "lm_loss_weight", "box_l1_loss_weight", "box_giou_loss_weight", "cycle_embed_loss_weight", "cycle_box_loss_weight",
     "grounding_attention_loss_weight", "region_attention_loss_weight", "mask_ce_loss_weight", "mask_dice_loss_weight",
     "mask_iou_loss_weight", "grounding_attention_layers", "grounding_attention_heads", "region_attention_heads",
-    "attention_loss_per_head", "box_region_features",
+    "attention_loss_per_head", "box_region_features", "sam_box_prompt",
 )
 
 _MASK_LOSS_TYPES = ("focal", "bce")
@@ -109,18 +110,15 @@ class NextChatConfig(PreTrainedConfig):
         box_decoder_activation (`str` or `None`, *optional*, defaults to `None`):
             `None` keeps the original's unbounded `loc_decoder` output (parity with converted checkpoints);
             `"sigmoid"` squashes boxes into [0, 1], which helps models trained from scratch.
-        sam_box_prompt (`str`, *optional*, defaults to `"predicted"`):
-            The box SAM is prompted with in training: `"predicted"` (the original's: the trigger's decoded box) or
-            `"target"` (not in the original: an assistant trigger's ground-truth box, so that a SAM trained from
-            scratch learns masks from right boxes). Generation always prompts with the predicted box.
         mask_loss_type (`str`, *optional*, defaults to `"focal"`):
             `"focal"`: the original's focal term on the per-mask mean BCE; `"bce"`: plain per-pixel BCE.
         mask_focal_alpha, mask_focal_gamma, mask_dice_smooth (`float`): the intended constants of the
             original SAM loss (0.8, 2 and 1; the original passed the mask count in place of alpha and of the
             dice smoothing by mistake).
 
-    The weights of the loss terms are training arguments, not configuration: `model.loss_weights`
-    (`NextChatLossWeights`). Fields that older versions saved here (`LEGACY_TRAINING_FIELDS`) are dropped on load.
+    The weights of the loss terms and the box SAM is prompted with in training are training arguments, not
+    configuration: `model.loss_weights` (`NextChatLossWeights`) and `model.sam_box_prompt`. Fields that older
+    versions saved here (`LEGACY_TRAINING_FIELDS`) are dropped on load.
     Validation follows transformers' `@strict` configs: field types at construction, and the `validate_*` methods
     below at construction and at `save_pretrained`.
     """
@@ -148,7 +146,6 @@ class NextChatConfig(PreTrainedConfig):
     box_token_id: int = 32004
 
     box_decoder_activation: str | None = None
-    sam_box_prompt: str = "predicted"
 
     mask_loss_type: str = "focal"
     mask_focal_alpha: float = 0.8
@@ -223,8 +220,6 @@ class NextChatConfig(PreTrainedConfig):
             raise ValueError(
                 f"`box_decoder_activation` must be one of {_BOX_DECODER_ACTIVATIONS}, got {self.box_decoder_activation!r}"
             )
-        if self.sam_box_prompt not in ("predicted", "target"):
-            raise ValueError(f"`sam_box_prompt` must be 'predicted' or 'target', got {self.sam_box_prompt!r}")
         if self.mask_loss_type not in _MASK_LOSS_TYPES:
             raise ValueError(f"`mask_loss_type` must be one of {_MASK_LOSS_TYPES}, got {self.mask_loss_type!r}")
 

@@ -128,7 +128,8 @@ def test_target_box_prompt_feeds_sam_the_ground_truth_box_of_assistant_triggers(
     masks = {}
     for mode in ("predicted", "target"):
         for shifted in (False, True):
-            model = tiny_model(sam=True, seed=4, sam_box_prompt=mode)
+            model = tiny_model(sam=True, seed=4)
+            model.sam_box_prompt = mode  # a training argument, like the loss weights
             if shifted:
                 with torch.no_grad():
                     model.loc_decoder[2].bias.add_(0.3)

@@ -255,8 +255,8 @@ class TestBadInputs:
             tiny_config(sam_config=dict(encoder_depth=2, encoder_global_attn_indexes=[5]))
         with pytest.raises(StrictDataclassError, match="distinct"):
             tiny_config(box_token_id=TRIGGER)
-        with pytest.raises(StrictDataclassError, match="sam_box_prompt"):
-            tiny_config(sam_box_prompt="ground-truth")
+        with pytest.raises(StrictDataclassError, match="box_decoder_activation"):
+            tiny_config(box_decoder_activation="tanh")
 
     def test_config_validates_again_at_save(self, tmp_path):
         config = tiny_config()
@@ -272,12 +272,14 @@ class TestBadInputs:
         path = tmp_path / "config.json"
         saved = json.loads(path.read_text())
         saved.update(lm_loss_weight=0.0, box_l1_loss_weight=0.0, grounding_attention_heads=[0, 1],
-                     attention_loss_per_head=True, box_region_features=False)
+                     attention_loss_per_head=True, box_region_features=False, sam_box_prompt="target")
         path.write_text(json.dumps(saved))
         config = NextChatConfig.from_pretrained(tmp_path)
-        for name in ("lm_loss_weight", "box_l1_loss_weight", "grounding_attention_heads", "box_region_features"):
+        for name in ("lm_loss_weight", "box_l1_loss_weight", "grounding_attention_heads", "box_region_features",
+                     "sam_box_prompt"):
             assert not hasattr(config, name), name
         model = NextChatForConditionalGeneration(config)
         assert model.loss_weights.lm_loss_weight == 1.0 and model.loss_weights.box_l1_loss_weight == 2.0
+        assert model.sam_box_prompt == "predicted"
         config.save_pretrained(tmp_path / "again")
         assert "lm_loss_weight" not in json.loads((tmp_path / "again" / "config.json").read_text())

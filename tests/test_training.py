@@ -567,11 +567,13 @@ def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
 
     config = attention_term_config({"grounding_weight": 1.0, "layers": [-1]})
     for bad, message in (({"training_config": {"box_decoder_activation": None}}, "training_config"),
+                         ({"training_config": {"sam_box_prompt": "ground-truth"}}, "sam_box_prompt"),
                          ({"loss_weights": {"grounding_attention_loss_weight": 1.0}}, "attention_supervision"),
                          ({"attention_supervision": {"grounding_weight": 1.0, "layers": [5]}}, "layers")):
         with pytest.raises(ValueError, match=message):
             run({**config, **bad}, root=str(tmp_path))
-    trainer, model, _ = run(config, root=str(tmp_path))
+    trainer, model, _ = run({**config, "training_config": {"sam_box_prompt": "target"}}, root=str(tmp_path))
+    assert model.sam_box_prompt == "target" and not hasattr(model.config, "sam_box_prompt")  # a training option
     assert model.attention_supervision.layers == [-1]
     assert model.model.language_model.config._attn_implementation == "eager"
     terms = [h["grounding_attention_loss"] for h in trainer.state.log_history if "grounding_attention_loss" in h]

@@ -21,7 +21,8 @@ Config keys (see `training/configs/*.json` for complete examples):
                                                  # arguments, never taken from nor saved in config.json)
   "attention_supervision": {"grounding_weight": 1.0, "grounding_heads": [0, 1, 2], ...},   # optional:
                                                  # the training-only attention terms (AttentionSupervision kwargs)
-  "training_config": {"sam_box_prompt": "target"},   # optional: NextChatConfig fields about training
+  "training_config": {"sam_box_prompt": "target"},   # optional: the model's training options (attributes, like
+                                                 # its loss weights never saved in config.json)
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -48,7 +49,7 @@ import sys
 
 import torch
 
-# NextChatConfig fields a config's "training_config" may set on the model it trains, pretrained or not
+# training options a config's "training_config" may set on the model it trains (model attributes, not config)
 TRAINING_CONFIG_FIELDS = ("sam_box_prompt",)
 
 
@@ -216,8 +217,9 @@ def run(config: dict, root: str = "."):
     for name, value in (config.get("training_config") or {}).items():
         if name not in TRAINING_CONFIG_FIELDS:
             raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
-        setattr(model.config, name, value)
-    model.config.validate()
+        if name == "sam_box_prompt" and value not in ("predicted", "target"):
+            raise ValueError(f"config: `training_config.sam_box_prompt` must be 'predicted' or 'target', got {value!r}")
+        setattr(model, name, value)
     if config.get("attention_supervision"):
         AttentionSupervision(**config["attention_supervision"]).attach(model)
     if config.get("lora"):

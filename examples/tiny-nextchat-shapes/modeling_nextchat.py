@@ -383,6 +383,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             self.sam = None
         # training arguments, not configuration: never saved in config.json (the stage presets set them)
         self.loss_weights = NextChatLossWeights()
+        # the box SAM is prompted with in training: "predicted" (the original's: the trigger's decoded box) or
+        # "target" (an answer trigger's ground-truth box, for a SAM trained from scratch); generation: predicted
+        self.sam_box_prompt = "predicted"
         self.post_init()
 
     def get_input_embeddings(self):
@@ -556,7 +559,9 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         pred_masks = iou_scores = None
         if sam_pixel_values is not None and trigger_positions.shape[0] > 0:
             prompt_boxes = pred_boxes
-            if self.config.sam_box_prompt == "target" and answers is not None and answers[1] is not None:
+            if self.sam_box_prompt not in ("predicted", "target"):
+                raise ValueError(f"`sam_box_prompt` must be 'predicted' or 'target', got {self.sam_box_prompt!r}")
+            if self.sam_box_prompt == "target" and answers is not None and answers[1] is not None:
                 assistant, slots = answers
                 prompt_boxes = pred_boxes.detach().clone()
                 prompt_boxes[assistant] = box_inputs[slots[:, 0], slots[:, 1]].to(prompt_boxes.dtype)
