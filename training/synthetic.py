@@ -25,6 +25,23 @@ Tasks (one conversation may hold several turns of different tasks, sharing the i
   order: in a fixed one, such as left to right, the k-th box can be found by position without reading the name,
   and a model that learns that shortcut was measured to stop learning to find objects by name for REC)
 
+Opt-in variations (issue 24; none of them changes the default output of any seed)
+--------------------------------------------------------------------------------
+* ``phrasings``: the wording of each question is drawn from phrasing families (:data:`PHRASING_FAMILIES`):
+  ``template`` (the sentences above), ``question``, ``command``, ``no_article``, ``lower``, ``upper``, ``bare``,
+  ``synonym`` (training families, :data:`TRAIN_PHRASINGS`) and the HELD-OUT families :data:`HELD_OUT_PHRASINGS`
+  (``postposed``: "Where is the circle that is red?", ``indirect``: "I am looking for the red circle."), which
+  training data never uses (:func:`make_sample` refuses them unless ``allow_held_out=True``, for evaluation data).
+  Answers always use the canonical words ("The red circle [0].").
+* ``absent_fraction``: that fraction of the rec/res turns asks about a colour/shape combination that is not in the
+  scene, answered without a box: "There is no purple circle." (:func:`absent_attributes`).
+* ``relation_fraction``: that fraction of the rec/res turns refers to its target by relation when that is
+  unambiguous: "Where is the left one of the two red shapes?" -> "The red circle [0]." (:func:`relational_phrases`).
+* ``mix_turn_tasks``: in a conversation of several turns (``max_turns`` > 1), each turn's task differs from the
+  previous turn's (without it, each turn draws its task independently, so repeats are common).
+* ``task_corpus(phrasings=True)`` / ``build_shapes_tokenizer(phrasings=True)``: a tokenizer whose merges also cover
+  the words of the training families, absent answers and relations (never the held-out families' sentences).
+
 The JSONL dataset format (read by :class:`nextchat.training.data.NextChatJsonlDataset`)
 ------------------------------------------------------------------------------------
 One JSON object per line::
@@ -91,6 +108,162 @@ GC_TEMPLATES = (
     "What objects are in the image? Give their locations.",
     "Can you describe the image and include object locations?",
 )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phrasing families (opt-in: `make_sample(phrasings=...)`, `--phrasings`)
+# ----------------------------------------------------------------------------------------------------------------
+
+# synonyms a person would use for the drawn colours and shapes (a filled circle is a disc, the drawn diamond a rhombus;
+# no defensible one-word synonym exists for the square or the triangle, and "ring" would be a hollow circle)
+COLOR_SYNONYMS = {
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald",),
+    "blue": ("cobalt",),
+    "yellow": ("golden",),
+    "purple": ("violet",),
+}
+SHAPE_SYNONYMS = {"circle": ("disc",), "diamond": ("rhombus",)}
+
+# per family and task, the question templates: `{p}` the referring phrase ("red circle"), `{c}` / `{s}` its colour
+# and shape, `{i}` a box index. `lower`, `upper` and `synonym` rewrite the `template` family's sentences.
+PHRASING_FAMILIES = {
+    "template": {"rec": REC_TEMPLATES, "res": RES_TEMPLATES, "reg": REG_TEMPLATES, "gc": GC_TEMPLATES},
+    "question": {
+        "rec": ("Could you show me where the {p} is?", "Do you see the {p}? Where is it?", "Which object is the {p}?",
+                "Where can I find the {p}?"),
+        "res": ("Could you outline the {p} for me?", "Can I get a mask of the {p}?",
+                "Which pixels belong to the {p}?"),
+        "reg": ("Could you tell me what is in [{i}]?", "Which object is in [{i}]?", "Do you know what [{i}] shows?"),
+        "gc": ("Could you list the objects in the image with their locations?",
+               "Which objects do you see, and where are they?"),
+    },
+    "command": {
+        "rec": ("Point to the {p}.", "Mark the {p}.", "Give me the location of the {p}.", "Put a box on the {p}."),
+        "res": ("Outline the {p}.", "Mask the {p}.", "Cut out the {p}."),
+        "reg": ("Name the object in [{i}].", "Tell me what is in [{i}].", "Identify [{i}]."),
+        "gc": ("List the objects in the image with their locations.", "Name every object and mark where it is."),
+    },
+    "no_article": {
+        "rec": ("where is {p}", "find {p}", "locate {p} in image", "show {p}"),
+        "res": ("segment {p}", "mask of {p}", "give mask of {p}"),
+        "reg": ("what is in [{i}]", "object at [{i}]"),
+        "gc": ("describe image with object locations", "objects in image with locations"),
+    },
+    "lower": None,  # the template sentences in lower case
+    "upper": None,  # the template sentences in upper case
+    "bare": {
+        "rec": ("{p}", "the {p}", "{p}?"),
+        "res": ("{p} mask", "the {p}, segmented"),
+        "reg": ("[{i}]?", "[{i}]"),
+        "gc": ("objects?", "all objects"),
+    },
+    "synonym": None,  # the template sentences, the colour (and, for circle and diamond, the shape) named by a synonym
+    # held out (never in training data): word order, and statements instead of questions or commands
+    "postposed": {
+        "rec": ("Where is the {s} that is {c}?", "Find the {s} that is {c}.", "Show me the {s} which is {c}."),
+        "res": ("Segment the {s} that is {c}.", "Give the mask of the {s} which is {c}."),
+        "reg": ("In [{i}], what is there?", "At [{i}], which object is it?"),
+        "gc": ("With object locations, describe the image.", "In the image, what objects are there and where?"),
+    },
+    "indirect": {
+        "rec": ("I am looking for the {p}.", "I need to know where the {p} is.", "Tell me where the {p} is, please."),
+        "res": ("I need a mask of the {p}.", "I would like the {p} segmented."),
+        "reg": ("I wonder what is in [{i}].", "I would like to know what [{i}] is."),
+        "gc": ("I would like a description of the image with object locations.",),
+    },
+}
+HELD_OUT_PHRASINGS = ("postposed", "indirect")
+TRAIN_PHRASINGS = tuple(f for f in PHRASING_FAMILIES if f not in HELD_OUT_PHRASINGS)
+_CASE_TRANSFORMS = {"lower": str.lower, "upper": str.upper}
+
+
+def resolve_phrasings(phrasings, allow_held_out: bool = False) -> tuple[str, ...]:
+    """A tuple of family names from a sequence or a comma-separated string; the aliases ``train`` (all training
+    families), ``held_out`` and ``all`` expand. Held-out families raise unless `allow_held_out`."""
+    names = phrasings.split(",") if isinstance(phrasings, str) else list(phrasings)
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        expanded = {"train": TRAIN_PHRASINGS, "held_out": HELD_OUT_PHRASINGS,
+                    "all": tuple(PHRASING_FAMILIES)}.get(name, (name,))
+        for family in expanded:
+            if family not in PHRASING_FAMILIES:
+                raise ValueError(f"unknown phrasing family {family!r}; expected some of {tuple(PHRASING_FAMILIES)} "
+                                 "or train / held_out / all")
+            if family in HELD_OUT_PHRASINGS and not allow_held_out:
+                raise ValueError(f"phrasing family {family!r} is held out for evaluation (HELD_OUT_PHRASINGS); "
+                                 "pass allow_held_out=True (--allow-held-out) to write evaluation data with it")
+            if family not in out:
+                out.append(family)
+    if not out:
+        raise ValueError("`phrasings`: no family given")
+    return tuple(out)
+
+
+def family_question(family: str, task: str, rng: np.random.Generator, color: str | None = None,
+                    shape: str | None = None, p: str | None = None, i: int = 0, index: int | None = None) -> str:
+    """One question of `task` ("rec", "res", "reg", "gc") in phrasing `family`, its template drawn from `rng`
+    (`index`: use that template of the `template` family instead). The referring phrase is `p` when given (a
+    relation: then `postposed` and `synonym`, which rewrite the colour and shape words, use the `template`
+    wording), else built from `color` and `shape`."""
+    if family not in PHRASING_FAMILIES:
+        raise ValueError(f"unknown phrasing family {family!r}")
+    transform = _CASE_TRANSFORMS.get(family)
+    source = "template" if PHRASING_FAMILIES[family] is None else family
+    if p is not None and family in ("postposed", "synonym"):
+        source = "template"
+    templates = PHRASING_FAMILIES[source][task]
+    if source == "template" and index is not None:
+        template = templates[index]
+    else:
+        template = templates[int(rng.integers(len(templates)))]
+    if family == "synonym" and p is None and color is not None:
+        names = COLOR_SYNONYMS[color]
+        color = names[int(rng.integers(len(names)))]
+        names = SHAPE_SYNONYMS.get(shape, (shape,))
+        shape = names[int(rng.integers(len(names)))]
+    if p is None and color is not None:
+        p = f"{color} {shape}"
+    text = template.format(p=p, c=color, s=shape, i=i)
+    return transform(text) if transform else text
+
+
+def absent_attributes(objects: list[dict], rng: np.random.Generator, shapes=SHAPES) -> tuple[str, str]:
+    """A (colour, shape) pair that no object of the scene has, drawn from `rng`: among the pairs that share the
+    colour or the shape of some object of the scene (a hard negative) when there is one, else among all."""
+    shapes = tuple(shapes) + tuple(s for s in dict.fromkeys(o["shape"] for o in objects) if s not in shapes)
+    present = {(o["color"], o["shape"]) for o in objects}
+    candidates = [(c, s) for c in COLORS for s in shapes if (c, s) not in present]
+    hard = [(c, s) for c, s in candidates if any(o["color"] == c or o["shape"] == s for o in objects)]
+    pool = hard or candidates
+    return pool[int(rng.integers(len(pool)))]
+
+
+def absent_answer(color: str, shape: str) -> str:
+    return f"There is no {color} {shape}."
+
+
+def _plural(shape: str) -> str:
+    return shape + "es" if shape.endswith(("s", "sh", "ch", "x")) else shape + "s"
+
+
+def relational_phrases(objects: list[dict], k: int) -> list[str]:
+    """The relational phrases that name object k unambiguously: "left one of the two red shapes" (or "right one of
+    the two circles") when exactly two objects of the scene share k's colour (shape) and each one's x-centre lies
+    outside the other's horizontal extent (so that "left" cannot be disputed). Empty when there is none."""
+    out = []
+    for attribute in ("color", "shape"):
+        group = [j for j, o in enumerate(objects) if o[attribute] == objects[k][attribute]]
+        if len(group) != 2:
+            continue
+        a, b = objects[k]["box"], objects[group[0] if group[1] == k else group[1]]["box"]
+        ca, cb = (a[0] + a[2]) / 2, (b[0] + b[2]) / 2
+        if b[0] <= ca <= b[2] or a[0] <= cb <= a[2]:
+            continue
+        side = "left" if ca < cb else "right"
+        noun = f"{objects[k]['color']} shapes" if attribute == "color" else _plural(objects[k]["shape"])
+        out.append(f"{side} one of the two {noun}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,12 +440,28 @@ def gc_answer(objects: list[dict], ref, rng: np.random.Generator, caption_order:
 
 
 def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, max_turns: int = 3,
-                task_weights: dict | None = None, caption_order: str = "random",
-                **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
+                task_weights: dict | None = None, caption_order: str = "random", phrasings=None,
+                allow_held_out: bool = False, absent_fraction: float = 0.0, relation_fraction: float = 0.0,
+                mix_turn_tasks: bool = False, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
     """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`.
-    `caption_order`: how a grounded caption orders its objects (`gc_answer`)."""
+    `caption_order`: how a grounded caption orders its objects (`gc_answer`).
+
+    Opt-in (the defaults give the samples of earlier versions, byte for byte): `phrasings` (family names, see
+    :func:`resolve_phrasings`; each question draws its family uniformly), `absent_fraction` (rec/res turns about an
+    absent object, answered "There is no purple circle." without a box), `relation_fraction` (rec/res turns whose
+    target is named by an unambiguous relation where the scene has one), `mix_turn_tasks` (consecutive turns never
+    share a task). Their draws come from a separate stream (`default_rng([seed, 3])`), so the scene, the tasks
+    and the targets stay those of the default sample (except with `mix_turn_tasks`, which redraws repeated tasks);
+    `phrasings=["template"]` alone gives the default conversations (the queries then also record their family).
+    Held-out families (:data:`HELD_OUT_PHRASINGS`) raise unless `allow_held_out` (evaluation data only)."""
     image, objects = render_scene(seed, **scene_kwargs)
     rng = np.random.default_rng([seed, 1])
+    families = resolve_phrasings(phrasings, allow_held_out) if phrasings is not None else None
+    for name, value in (("absent_fraction", absent_fraction), ("relation_fraction", relation_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
+    extended = families is not None or absent_fraction > 0 or relation_fraction > 0
+    prng = np.random.default_rng([seed, 3])  # the opt-in draws only
     weights = np.array([(task_weights or {}).get(t, 1.0) for t in tasks], dtype=np.float64)
     weights = weights / weights.sum()
     n_turns = int(rng.integers(min_turns, max_turns + 1))
@@ -293,28 +482,59 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
         first_object = next(j for j, o in enumerate(objects) if o["shape"] == focus and has_distractor(objects, j)) \
             if any(o["shape"] == focus and has_distractor(objects, j) for j, o in enumerate(objects)) else \
             next(j for j, o in enumerate(objects) if o["shape"] == focus)
+    scene_shapes = scene_kwargs.get("shapes", SHAPES)
     for turn in range(n_turns):
         task = tasks[rng.choice(len(tasks), p=weights)]
+        if mix_turn_tasks and turn > 0:
+            others = [j for j, t in enumerate(tasks) if t != turn_tasks[-1] and not (t == "gc" and used_gc)]
+            if (task == turn_tasks[-1] or (task == "gc" and used_gc)) and others and weights[others].sum() > 0:
+                w = weights[others] / weights[others].sum()
+                task = tasks[others[int(rng.choice(len(others), p=w))]]
         if task == "gc" and used_gc:
             task = "rec" if "rec" in tasks else tasks[0]
         # the first referring query of a scene targets an object that has a distractor when there is one
         fresh = [j for j in range(len(objects)) if j not in targeted] or list(range(len(objects)))
         k = first_object if turn == 0 else fresh[int(rng.integers(len(fresh)))]
         targeted.add(k)
+        family = families[int(prng.integers(len(families)))] if families is not None else "template"
         if task in ("rec", "res"):
             templates = REC_TEMPLATES if task == "rec" else RES_TEMPLATES
-            question = templates[rng.integers(len(templates))].format(p=phrase(objects[k]))
-            answer = f"The {phrase(objects[k])} {ref(k)}."
-            queries.append({"task": task, "object": k})
+            index = int(rng.integers(len(templates)))
+            if not extended:
+                question = templates[index].format(p=phrase(objects[k]))
+                answer = f"The {phrase(objects[k])} {ref(k)}."
+                queries.append({"task": task, "object": k})
+            elif absent_fraction > 0 and prng.random() < absent_fraction:
+                color, shape = absent_attributes(objects, prng, scene_shapes)
+                question = family_question(family, task, prng, color, shape, index=index)
+                answer = absent_answer(color, shape)
+                targeted.discard(k)
+                queries.append({"task": task, "object": None, "absent": [color, shape], "phrasing": family})
+            else:
+                relations = relational_phrases(objects, k)
+                if relation_fraction > 0 and relations and prng.random() < relation_fraction:
+                    relation = relations[int(prng.integers(len(relations)))]
+                    question = family_question(family, task, prng, p=relation, index=index)
+                    query = {"task": task, "object": k, "relation": relation, "phrasing": family}
+                else:
+                    question = family_question(family, task, prng, objects[k]["color"], objects[k]["shape"],
+                                               index=index)
+                    query = {"task": task, "object": k, "phrasing": family}
+                answer = f"The {phrase(objects[k])} {ref(k)}."
+                queries.append(query)
         elif task == "reg":
-            question = REG_TEMPLATES[rng.integers(len(REG_TEMPLATES))].format(i=ref(k)[1:-1])
+            index = int(rng.integers(len(REG_TEMPLATES)))
+            i = int(ref(k)[1:-1])
+            question = REG_TEMPLATES[index].format(i=i) if not extended else \
+                family_question(family, "reg", prng, i=i, index=index)
             answer = f"A {phrase(objects[k])}."
-            queries.append({"task": task, "object": k})
+            queries.append({"task": task, "object": k, **({"phrasing": family} if extended else {})})
         else:
             used_gc = True
-            question = GC_TEMPLATES[rng.integers(len(GC_TEMPLATES))]
+            index = int(rng.integers(len(GC_TEMPLATES)))
+            question = GC_TEMPLATES[index] if not extended else family_question(family, "gc", prng, index=index)
             answer = gc_answer(objects, ref, rng, caption_order)
-            queries.append({"task": task, "object": None})
+            queries.append({"task": task, "object": None, **({"phrasing": family} if extended else {})})
         if turn == 0:
             question = "<image> " + question
         messages.append({"role": "user", "content": question})
@@ -349,7 +569,7 @@ def distractor_fraction(records: list[dict]) -> float:
     hits = total = 0
     for record in records:
         for query in record.get("queries", []):
-            if query["task"] in ("rec", "res"):
+            if query["task"] in ("rec", "res") and query.get("object") is not None:  # not absent-object questions
                 total += 1
                 hits += has_distractor(record["objects"], query["object"])
     return hits / max(total, 1)
@@ -374,8 +594,11 @@ def write_dataset(out_dir: str, seeds, jsonl_name: str = "data.jsonl", image_dir
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def task_corpus() -> list[str]:
-    """Sentences covering the task's vocabulary (for training a small SentencePiece model)."""
+def task_corpus(phrasings: bool = False) -> list[str]:
+    """Sentences covering the task's vocabulary (for training a small SentencePiece model). With `phrasings`, also
+    the sentences of the training phrasing families (:data:`TRAIN_PHRASINGS`), absent-object answers and
+    relational phrases, after the default lines (which stay exactly those of the shipped tokenizer); the held-out
+    families' sentences are never in it."""
     from nextchat.processing.processing_nextchat import VICUNA_V1_1_SYSTEM
 
     # the system prompt and the role markers occur in every sample: weight them so that BPE merges them whole
@@ -392,23 +615,68 @@ def task_corpus() -> list[str]:
         "Hello! What can you do? I can find objects, describe regions and segment shapes in images.",
         "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}<>/\\-_+=*&^%$#@~`|",
     ]
+    if phrasings:
+        lines += _phrasing_corpus()
     return lines
 
 
-def build_shapes_tokenizer(vocab_size: int = 640):
+def _phrasing_corpus() -> list[str]:
+    """Every sentence the training families can ask, plus absent answers and relational phrases."""
+    lines = []
+    for family in TRAIN_PHRASINGS:
+        source = "template" if PHRASING_FAMILIES[family] is None else family
+        transform = _CASE_TRANSFORMS.get(family, lambda text: text)
+        for task in ("rec", "res"):
+            for template in PHRASING_FAMILIES[source][task]:
+                for color in COLORS:
+                    for shape in SHAPES:
+                        colors = COLOR_SYNONYMS[color] if family == "synonym" else (color,)
+                        shapes = SHAPE_SYNONYMS.get(shape, (shape,)) if family == "synonym" else (shape,)
+                        for c in colors:
+                            for s in shapes:
+                                lines.append(transform(template.format(p=f"{c} {s}", c=c, s=s, i=0)))
+        for task in ("reg", "gc"):
+            lines += [transform(t.format(i=0)) for t in PHRASING_FAMILIES[source][task]]
+    for color in COLORS:
+        for shape in SHAPES:
+            lines.append(absent_answer(color, shape))
+    nouns = [f"{c} shapes" for c in COLORS] + [_plural(s) for s in SHAPES]
+    relations = [f"{side} one of the two {noun}" for side in ("left", "right") for noun in nouns]
+    for family in TRAIN_PHRASINGS:
+        if family == "synonym":  # worded as the template (see family_question)
+            continue
+        source = "template" if PHRASING_FAMILIES[family] is None else family
+        transform = _CASE_TRANSFORMS.get(family, lambda text: text)
+        for task in ("rec", "res"):
+            lines += [transform(t.format(p=r)) for t in PHRASING_FAMILIES[source][task] for r in relations]
+    return lines
+
+
+SHAPES_VOCAB_SIZE = 640  # the shipped model's
+PHRASINGS_VOCAB_SIZE = 1024  # the smallest multiple of 128 at which every word of the training families is one piece
+
+
+def build_shapes_tokenizer(vocab_size: int | None = None, phrasings: bool = False):
     """A small LLaMA tokenizer (SentencePiece BPE with byte fallback, so any text encodes) whose merges cover the
-    shapes vocabulary, with the five NExT-Chat tokens added after the base vocabulary. Deterministic."""
+    shapes vocabulary, with the five NExT-Chat tokens added after the base vocabulary. Deterministic. `phrasings`:
+    trained on `task_corpus(phrasings=True)` (a different tokenizer from the shipped one). `vocab_size` defaults to
+    `SHAPES_VOCAB_SIZE` (640), or `PHRASINGS_VOCAB_SIZE` (1024) with `phrasings` (at 640 the larger corpus leaves
+    common words such as "no" in letters)."""
     from .tokenizer import train_llama_tokenizer
 
-    return train_llama_tokenizer(task_corpus() * 4, vocab_size)
+    if vocab_size is None:
+        vocab_size = PHRASINGS_VOCAB_SIZE if phrasings else SHAPES_VOCAB_SIZE
+
+    return train_llama_tokenizer((task_corpus(phrasings=True) if phrasings else task_corpus()) * 4, vocab_size)
 
 
 def build_shapes_processor(image_size: int = 64, patch_size: int = 8, sam_image_size: int | None = 64,
-                           vocab_size: int = 640, system_prompt: str = ""):
+                           vocab_size: int | None = None, system_prompt: str = "", phrasings: bool = False):
     """The processor of the shapes task: :func:`build_shapes_tokenizer` + a CLIP/SAM image processor at
     `image_size` / `sam_image_size`, `image_seq_length = (image_size // patch_size) ** 2`, and the vicuna chat
     template with `system_prompt` as its default system prompt (empty: the vicuna prompt would be a quarter of
-    every training sequence, for nothing a model trained from scratch needs)."""
+    every training sequence, for nothing a model trained from scratch needs). `phrasings`: the tokenizer of
+    `build_shapes_tokenizer(phrasings=True)` (for data written with phrasing families, absent objects, relations)."""
     from nextchat.processing import NextChatImageProcessor, NextChatProcessor
     from nextchat.processing.processing_nextchat import vicuna_chat_template
 
@@ -417,7 +685,8 @@ def build_shapes_processor(image_size: int = 64, patch_size: int = 8, sam_image_
         sam_image_size=sam_image_size,
     )
     return NextChatProcessor(
-        image_processor, build_shapes_tokenizer(vocab_size), image_seq_length=(image_size // patch_size) ** 2,
+        image_processor, build_shapes_tokenizer(vocab_size, phrasings=phrasings),
+        image_seq_length=(image_size // patch_size) ** 2,
         chat_template=vicuna_chat_template(system_prompt),
     )
 
@@ -446,7 +715,30 @@ def main(argv=None):
     parser.add_argument("--new-shape", choices=EXTRA_SHAPES, default=None,
                         help="draw this new shape too (not in the shipped model's data) and make it the first object "
                              "of every scene, the one REC/RES queries target (fine-tuning data for a new object)")
+    parser.add_argument("--phrasings", default=None,
+                        help="comma-separated phrasing families of the questions, drawn uniformly per question "
+                             f"(training: {','.join(TRAIN_PHRASINGS)}; aliases train, held_out, all); default: the "
+                             "original templates only, with the original random streams")
+    parser.add_argument("--allow-held-out", action="store_true",
+                        help=f"allow the held-out families ({','.join(HELD_OUT_PHRASINGS)}) in --phrasings: for "
+                             "evaluation data only")
+    parser.add_argument("--absent-fraction", type=float, default=0.0,
+                        help="fraction of rec/res turns about an object that is not in the scene, answered without a "
+                             "box ('There is no purple circle.')")
+    parser.add_argument("--relation-fraction", type=float, default=0.0,
+                        help="fraction of rec/res turns that name their target by an unambiguous relation where the "
+                             "scene has one ('the left one of the two red shapes')")
+    parser.add_argument("--mix-turn-tasks", action="store_true",
+                        help="with --max-turns > 1: consecutive turns of a conversation never share a task")
     args = parser.parse_args(argv)
+    if args.phrasings is not None:
+        try:
+            resolve_phrasings(args.phrasings, args.allow_held_out)
+        except ValueError as error:
+            parser.error(f"--phrasings: {error}")
+    for name in ("absent_fraction", "relation_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {TASKS}")
@@ -465,9 +757,24 @@ def main(argv=None):
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
         single_object_fraction=args.single_object_fraction, same_shape_fraction=args.same_shape_fraction,
         task_weights=task_weights or None, caption_order=args.caption_order,
-        **new_shape_kwargs(args.new_shape),
+        **new_shape_kwargs(args.new_shape), **variation_kwargs(args),
     )
     print(path)
+
+
+def variation_kwargs(args) -> dict:
+    """The `make_sample` keyword arguments of the opt-in variations given on the command line (none by default, so
+    that the default command writes exactly the data of earlier versions)."""
+    out = {}
+    if args.phrasings is not None:
+        out.update(phrasings=args.phrasings, allow_held_out=args.allow_held_out)
+    if args.absent_fraction:
+        out["absent_fraction"] = args.absent_fraction
+    if args.relation_fraction:
+        out["relation_fraction"] = args.relation_fraction
+    if args.mix_turn_tasks:
+        out["mix_turn_tasks"] = True
+    return out
 
 
 def new_shape_kwargs(new_shape: str | None) -> dict:
