@@ -237,7 +237,8 @@ class SaveProcessorCallback:
 
 def _vision_modules(model, layers: int | None) -> list[str]:
     """The vision-tower modules `--train-vision` trains: the whole tower, or (`--vision-layers N`) the last N encoder
-    layers among those whose output the model uses (`config.vision_feature_layer`, e.g. -2: the last layer is unused)."""
+    layers among those whose output the model uses (`config.vision_feature_layer`; with -2 the last layer is not
+    used)."""
     if layers is None:
         return ["vision_tower"]
     tower = model.model.vision_tower

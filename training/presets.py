@@ -278,7 +278,8 @@ def reset_head_init(model, heads=("loc_encoder", "loc_decoder", "seg_prompt_mlp"
 
 
 __all__ = [
-    "DEFAULT_MODULES_TO_SAVE", "LM_ALL_REGEX", "LM_REGEX", "LORA_TARGETS", "ORIGINAL_LOSS_WEIGHTS", "PART_LOSS_TERMS", "STAGES", "apply_lora",
+    "DEFAULT_MODULES_TO_SAVE", "LM_ALL_REGEX", "LM_REGEX", "LORA_TARGETS", "ORIGINAL_LOSS_WEIGHTS", "PART_LOSS_TERMS",
+    "STAGES", "apply_lora",
     "apply_stage_preset", "check_loss_weights", "format_parameter_report", "stage_loss_weights",
     "trainable_parameter_report", "EMBEDDING_MODULES",
     "init_vision_sincos_positions", "reset_head_init", "sincos_2d", "sincos_position_options",
