@@ -18,7 +18,8 @@ BIN = os.path.dirname(sys.executable)
 # the shipped model's own recipe (training/configs/shapes_tiny.json)
 SHAPES_ATTENTION_SUPERVISION = {"grounding_weight": 1, "region_weight": 2, "grounding_heads": [0, 1, 2],
                                 "region_heads": [3], "per_head": True}
-RECIPE = ["--lora", "--steps", "400", "--batch-size", "16", "--lr", "2e-3", "--replay-fraction", "1.0",
+RECIPE = ["--lora", "--steps", "1400", "--batch-size", "16", "--lr", "2e-3", "--replay-fraction", "3.0",
+          "--train-vision", "--vision-layers", "2", "--vision-lr", "5e-4",
           "--loss-weight", "box_giou_loss_weight=1", "--loss-weight", "cycle_embed_loss_weight=0",
           "--attention-supervision", json.dumps(SHAPES_ATTENTION_SUPERVISION)]
 OLD_EVAL_SEEDS = 100
@@ -51,32 +52,34 @@ def test_finetune_teaches_the_shipped_model_a_new_shape(tmp_path):
 
     star = new_shape_kwargs("star")
     # seeds disjoint from each other, from the shipped model's training data and from synthetic_eval's
-    write_dataset(str(tmp_path / "star"), range(5_100_000, 5_100_800), caption_order="name", task_weights={"rec": 3.0},
+    write_dataset(str(tmp_path / "star"), range(5_100_000, 5_102_400), caption_order="name", task_weights={"rec": 3.0},
                   **star)
-    write_dataset(str(tmp_path / "old"), range(3_100_000, 3_100_800), caption_order="name")
+    write_dataset(str(tmp_path / "old"), range(3_100_000, 3_107_200), caption_order="name")
     write_dataset(str(tmp_path / "held"), range(6_000_000, 6_000_100), tasks=("rec",), max_turns=1, **star)
 
     out = tmp_path / "star-lora"
     log = _run([os.path.join(BIN, "nextchat-finetune"), "--model", SHIPPED, "--train", "star/data.jsonl",
                 "--replay", "old/data.jsonl", "--eval", "held/data.jsonl", "--output", str(out),
-                "--save-steps", "200", "--threads", "1", "--no-tqdm", *RECIPE], tmp_path, timeout=900)
+                "--save-steps", "700", "--threads", "1", "--no-tqdm", *RECIPE], tmp_path, timeout=1500)
     assert "trainable parameters per part" in log and "lm_head" in log
     assert "cannot produce yet" in log  # "star" is a new word: lm_head and the embeddings train
     # the new object is found in held-out scenes
     metrics = json.loads((out / "eval_metrics.json").read_text())
     star_rate = metrics["rec"]["box_acc@0.5"]
     print(f"star found at IoU > 0.5: {star_rate:.2f} of {metrics['rec']['n']} held-out scenes")
-    # measured 0.76 with this recipe (the issue asks for 0.85: not reached yet, see the README section)
-    assert metrics["rec"]["n"] == 100 and star_rate >= 0.70
+    # measured 0.89 here (seeds 1 and 2 of the recipe: 0.85, 0.86; docs/experiments.md); the margin below absorbs
+    # the rounding of other CPUs, whose runs are other draws
+    assert metrics["rec"]["n"] == 100 and star_rate >= 0.83
     # every output folder is an adapter folder with its processor
-    for folder in (out, out / "checkpoint-200", out / "checkpoint-400"):
+    for folder in (out, out / "checkpoint-700", out / "checkpoint-1400"):
         assert (folder / "adapter_config.json").exists() and (folder / "processor_config.json").exists(), folder
 
     # the old objects stay where they were (fresh processes, the adapter loaded with one argument)
     before = _old_objects(SHIPPED, tmp_path)
     after = _old_objects(str(out), tmp_path)
-    print(f"old objects REC Acc@0.5: before {before['rec_acc@0.5']:.2f}, after {after['rec_acc@0.5']:.2f}")
-    assert after["rec_acc@0.5"] >= before["rec_acc@0.5"] - 0.05
+    for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5"):
+        print(f"old objects {key}: before {before[key]:.3f}, after {after[key]:.3f}")
+        assert after[key] >= before[key] - 0.05, key
 
     # AutoModel + PeftModel, in a fresh process
     code = (
