@@ -35,6 +35,7 @@ from nextchat.training.synthetic_eval import (
     score,
     wilson_interval,
 )
+from test_training import IMAGE, SCENE, TINY_SPEC  # the training tests' tiny model and scenes
 
 
 COLOR_WORDS = "red|green|blue|yellow|purple"
@@ -523,17 +524,6 @@ def test_score_of_absent_and_second_turn_queries_by_hand():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-IMAGE = 32
-TINY_SPEC = {
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "max_position_embeddings": 512},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "patch_size": 8},
-    "sam_config": {"patch_size": 8, "encoder_embed_dim": 16, "encoder_depth": 2, "encoder_num_heads": 2,
-                   "encoder_global_attn_indexes": [1], "window_size": 2, "prompt_embed_dim": 16},
-    "box_decoder_activation": "sigmoid",
-}
-SCENE = {"height": IMAGE, "width": IMAGE, "min_size": 6, "max_size": 12, "max_objects": 3}
 
 
 def test_evaluate_with_every_option_runs_the_real_inference_path():
