@@ -84,6 +84,9 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
         iou_scores (`torch.FloatTensor` of shape `(K,)`): SAM's predicted IoU of each mask.
         lm_loss, box_l1_loss, box_giou_loss, cycle_embed_loss, cycle_box_loss, mask_ce_loss, mask_dice_loss,
         mask_iou_loss: the unweighted loss terms (each normalised by its own item count).
+        grounding_attention_loss, region_attention_loss: the terms of a training objective wrapped around the
+            model (`nextchat.training.AttentionSupervision`), when one is attached; declared here so that the output
+            keeps one type through `torch.utils._pytree` (DDP, `torch.compile`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -104,6 +107,8 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     mask_ce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_iou_loss: torch.FloatTensor | None = None
+    grounding_attention_loss: torch.FloatTensor | None = None
+    region_attention_loss: torch.FloatTensor | None = None
 
 
 MODEL_AUTO_MAP = {

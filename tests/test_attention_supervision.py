@@ -65,6 +65,10 @@ def test_grounding_term_equals_reference():
         without = plain()(**sample)
         torch.testing.assert_close(out.loss, without.loss + 0.5 * reference)
         assert "grounding_attention_loss" not in without  # the model alone: the original's loss, no such term
+        # the output keeps its type through pytree (what DDP and torch.compile do with it)
+        leaves, spec = torch.utils._pytree.tree_flatten(out)
+        rebuilt = torch.utils._pytree.tree_unflatten(leaves, spec)
+        assert type(rebuilt) is type(out) and torch.equal(rebuilt.grounding_attention_loss, out.grounding_attention_loss)
 
 
 def test_per_head_term_averages_each_heads_log_mass():
