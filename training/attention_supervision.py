@@ -211,7 +211,11 @@ class AttentionSupervision:
             box_inputs_mask = torch.ones(box_inputs.shape[:2], dtype=torch.bool, device=box_inputs.device)
         local = count_loss_items(input_ids, labels, box_inputs_mask, None, config.trigger_token_id,
                                  config.box_token_id, shift_labels=shift_labels)
-        local.update(self.count_items(config, input_ids, labels, box_inputs_mask))
+        region = None  # the region-caption queries, found once for both their count and their term
+        if self.region_weight and box_inputs_mask is not None and bool(box_inputs_mask.any()):
+            region = region_caption_queries(input_ids, labels, box_inputs_mask, config.trigger_token_id,
+                                            config.box_token_id)
+        local["region_turns"] = round(float(region[2].sum())) if region is not None else 0
         divisors = normalisers(local, num_items_in_batch)
         terms = {}
         triggers = output.trigger_positions
@@ -223,10 +227,8 @@ class AttentionSupervision:
             per_query, _ = self._attention_mass_loss(config, output, input_ids, triggers[assistant], targets,
                                                      self.grounding_heads)
             terms["grounding_attention_loss"] = per_query.sum() / divisors["boxes"]
-        if self.region_weight and box_inputs is not None:
-            queries, slots, turn_weights = region_caption_queries(
-                input_ids, labels, box_inputs_mask, config.trigger_token_id, config.box_token_id
-            )
+        if region is not None and box_inputs is not None:
+            queries, slots, turn_weights = region
             if queries.shape[0]:
                 boxes = box_inputs[slots[:, 0], slots[:, 1]].float()
                 per_query, usable = self._attention_mass_loss(config, output, input_ids, queries, boxes,
