@@ -5,7 +5,11 @@ that the model itself knows nothing of them."""
 import pytest
 import torch
 
-from nextchat.training.attention_supervision import AttentionSupervision, region_caption_queries
+from nextchat.training.attention_supervision import (
+    AttentionSupervision,
+    answer_start_queries,
+    region_caption_queries,
+)
 from nextchat.training.trainer import count_loss_items
 from tiny_models import BOXES, IMAGE_PATCH, TRIGGER, image_block, images, pad_boxes, pad_rows, tiny_model
 
@@ -133,6 +137,52 @@ BOXES_A = [[0.0, 0.0, 0.6, 0.4], [0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4], [0.
 ROW_B = [1, 5] + image_block() + USER_BOX + [24, TRIGGER, BOXES, 25, 2] + [9, TRIGGER, BOXES] + [26, 2]
 ASSISTANT_B = [(12, 17), (20, 22)]
 BOXES_B = [[0.5, 0.0, 1.0, 0.5], [0.0, 0.5, 0.5, 1.0], [0.5, 0.5, 1.0, 1.0]]
+
+
+# ---- two turns: a referring answer (one trigger), then a grounded caption (two); `answer_start`
+
+USER_2 = [30, 31]
+TWO_TURNS = PROMPT + [20, TRIGGER, BOXES, 2] + USER_2 + ANSWER
+TWO_TURN_BOXES = SAMPLE_BOXES[:1] + [[0.5, 0.5, 1.0, 1.0]] + SAMPLE_BOXES[1:]
+
+
+def two_turn_sample():
+    first_start = len(PROMPT)
+    second_start = first_start + 4 + len(USER_2)
+    labels = torch.tensor(TWO_TURNS)
+    labels[:first_start] = -100
+    labels[first_start + 4 : second_start] = -100
+    labels[labels == BOXES] = -100
+    sample = dict(input_ids=torch.tensor([TWO_TURNS]), labels=labels[None], box_inputs=torch.tensor([TWO_TURN_BOXES]),
+                  pixel_values=images(1))
+    return sample, first_start
+
+
+def test_answer_start_queries_by_hand():
+    """Only the turn with one trigger has its start asked: the position before its first answer token."""
+    sample, first_start = two_turn_sample()
+    triggers = torch.tensor([[0, i] for i, t in enumerate(TWO_TURNS) if t == TRIGGER])  # user's, then 3 answers'
+    queries, alone = answer_start_queries(sample["input_ids"], sample["labels"], triggers, TRIGGER)
+    assert queries.tolist() == [[0, first_start - 1]]
+    assert alone.tolist() == [True, False, False]
+
+
+def test_answer_start_adds_the_start_position_to_the_grounding_term():
+    """Grounding term with `answer_start`: the three answer triggers and the first answer's start, each `−log` of the
+    head-averaged mass on its box's patches, summed over the supervised layer and divided by the 3 answer boxes."""
+    sample, first_start = two_turn_sample()
+    out = supervised(grounding_weight=1.0, answer_start=True)(**sample)
+    without = supervised(grounding_weight=1.0)(**sample).grounding_attention_loss
+    patch_columns = [i for i, t in enumerate(TWO_TURNS) if t == IMAGE_PATCH]
+    answer_triggers = [i for i, t in enumerate(TWO_TURNS) if t == TRIGGER and i >= len(PROMPT)]
+    # 2x2 grid: box 1 [0.5, 0.5, 1, 1] holds patch 3; boxes 2 and 3 as in `grounding_sample`
+    queries = list(zip(answer_triggers, [[3], [0, 2], [0]])) + [(first_start - 1, [3])]
+    attention = out.attentions[1][0].mean(0)
+    losses = [-torch.log(sum(attention[c, patch_columns[p]] for p in patches) + 1e-6) for c, patches in queries]
+    torch.testing.assert_close(out.grounding_attention_loss, sum(losses) / 3)
+    torch.testing.assert_close(without, sum(losses[:3]) / 3)
+    with pytest.raises(ValueError, match="answer_start"):
+        AttentionSupervision(grounding_weight=1.0, answer_start=1)
 
 
 def labels_of(row, assistant_spans):

@@ -3,7 +3,8 @@ from scratch learn where to look.
 
 * grounding term: `−log` of the attention mass that each answer trigger `<at>` puts on the image patches inside
   its target box (averaged over the supervised heads and layers). It teaches the trigger to look at the object it
-  names, which a from-scratch model otherwise learns last.
+  names, which a from-scratch model otherwise learns last. With `answer_start`, the position that starts a
+  referring answer is asked the same, so that the answer's first words can depend on the image.
 * region term: every position that predicts a token of a region-caption turn (an assistant turn without a
   labelled `<at>`, after a user turn that gives exactly one box) is asked, like a trigger, to attend to that box's
   patches; each turn counts once (its positions averaged; the term is the mean over such turns).
@@ -95,6 +96,29 @@ def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id,
     return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
 
 
+def answer_start_queries(input_ids, labels, trigger_positions, trigger_token_id):
+    """The position that predicts the first token of each assistant turn with exactly one labelled `<at>` (a
+    referring answer: "The red circle <at>."), as `(K, 2)` (row, column), and the `(T,)` bool over the labelled
+    triggers of `trigger_positions` (in their order) that marks the triggers alone in their turn, whose boxes are
+    those K positions' targets."""
+    labelled = (labels != IGNORE_INDEX) | answer_box_positions(input_ids, labels, trigger_token_id)
+    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
+    turn = starts.long().cumsum(1)
+    num_turns = int(turn.max()) + 1 if turn.numel() else 1
+    rows, columns = trigger_positions[:, 0], trigger_positions[:, 1]
+    assistant = labels[rows, columns] != IGNORE_INDEX
+    rows, columns = rows[assistant], columns[assistant]
+    turns = turn[rows, columns]
+    per_turn = torch.zeros(input_ids.shape[0], num_turns, dtype=torch.long, device=input_ids.device)
+    per_turn.index_put_((rows, turns), torch.ones_like(turns), accumulate=True)
+    alone = per_turn[rows, turns] == 1
+    start_rows, start_columns = torch.nonzero(starts, as_tuple=True)
+    first_column = torch.zeros_like(per_turn)
+    first_column[start_rows, turn[start_rows, start_columns]] = start_columns
+    queries = torch.stack([rows[alone], first_column[rows[alone], turns[alone]] - 1], 1)
+    return queries, alone
+
+
 def _check_heads(name, heads, count):
     if heads is not None and (not heads or any(not 0 <= h < count for h in heads) or len(set(heads)) < len(heads)):
         raise ValueError(f"`{name}`={heads!r} must be a non-empty list of distinct heads in [0, {count})")
@@ -113,6 +137,10 @@ class AttentionSupervision:
             Disjoint lists let the two kinds of lookup (by name and by position) use their own heads.
         per_head: how heads combine: `False`, `−log` of the head-averaged mass; `True`, the mean over heads of each
             head's `−log` mass, so that every supervised head must find the box.
+        answer_start: the grounding term also asks the position that starts a referring answer (an assistant turn
+            with one `<at>`) to look at that trigger's box, so that the answer's first words — its object's name,
+            or "There is no ..." when the object is absent — can depend on what is in the image (each such
+            position counts like one more trigger).
     """
 
     grounding_weight: float = 0.0
@@ -121,10 +149,12 @@ class AttentionSupervision:
     grounding_heads: list[int] | None = None
     region_heads: list[int] | None = None
     per_head: bool = False
+    answer_start: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.per_head, bool):
-            raise ValueError(f"`per_head` must be True or False, got {self.per_head!r}")
+        for name in ("per_head", "answer_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name in ("grounding_weight", "region_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -226,7 +256,14 @@ class AttentionSupervision:
             targets = box_inputs[slots[:, 0], slots[:, 1]].float()
             per_query, _ = self._attention_mass_loss(config, output, input_ids, triggers[assistant], targets,
                                                      self.grounding_heads)
-            terms["grounding_attention_loss"] = per_query.sum() / divisors["boxes"]
+            total = per_query.sum()
+            if self.answer_start:
+                starts, alone = answer_start_queries(input_ids, labels, triggers, config.trigger_token_id)
+                if starts.shape[0]:
+                    per_start, _ = self._attention_mass_loss(config, output, input_ids, starts, targets[alone],
+                                                             self.grounding_heads)
+                    total = total + per_start.sum()
+            terms["grounding_attention_loss"] = total / divisors["boxes"]
         if region is not None and box_inputs is not None:
             queries, slots, turn_weights = region
             if queries.shape[0]:
@@ -270,5 +307,5 @@ class AttentionSupervision:
         return per_query / len(layers), usable
 
 
-__all__ = ["ATTENTION_LOSS_TERMS", "AttentionSupervision", "box_patch_targets", "per_query_attention_loss",
-           "region_caption_queries"]
+__all__ = ["ATTENTION_LOSS_TERMS", "AttentionSupervision", "answer_start_queries", "box_patch_targets",
+           "per_query_attention_loss", "region_caption_queries"]
