@@ -106,10 +106,10 @@ def test_each_family_by_hand_for_a_fixed_stream():
     expected = {  # rng = default_rng(0): rec red circle, res blue diamond, reg [1], gc
         "template": ("Show me the red circle.", "Please give the mask of the blue diamond.", "Describe the region [1].",
                      "Describe the image with object locations."),
-        "question": ("Where can I find the red circle?", "Can I get a mask of the blue diamond?",
-                     "Which object is in [1]?", "Could you list the objects in the image with their locations?"),
-        "command": ("Put a box on the red circle.", "Mask the blue diamond.", "Tell me what is in [1].",
-                    "List the objects in the image with their locations."),
+        "question": ("Is there a red circle? Where?", "Which pixels belong to the blue diamond?",
+                     "Do you know what [1] shows?", "Which objects do you see, and where are they?"),
+        "command": ("Show where the red circle is.", "Please segment the blue diamond.", "Identify [1].",
+                    "Name every object and mark where it is."),
         "no_article": ("show red circle", "mask of blue diamond", "object at [1]",
                        "describe image with object locations"),
         "lower": ("show me the red circle.", "please give the mask of the blue diamond.", "describe the region [1].",
@@ -147,10 +147,11 @@ def _family_shape_ok(family, text, color, shape):
         return text[0].isupper() and text.endswith((".", "?")) and f"the {canonical}" in text
     if family == "question":
         first = text.split()[0]
-        return text.endswith("?") and f"the {canonical}" in text and first in ("Could", "Do", "Which", "Where", "Can")
+        return (text.endswith("?") and (f"the {canonical}" in text or f"a {canonical}?" in text)
+                and first in ("Could", "Do", "Which", "Where", "Can", "Is"))
     if family == "command":
-        return text.endswith(".") and f"the {canonical}" in text and text.split()[0] in ("Point", "Mark", "Give", "Put",
-                                                                                        "Outline", "Mask", "Cut")
+        return text.endswith(".") and f"the {canonical}" in text and text.split()[0] in (
+            "Point", "Mark", "Give", "Put", "Please", "Show", "Outline", "Mask", "Cut", "Draw")
     if family == "no_article":
         return text == text.lower() and text[-1].isalpha() and canonical in text and "the" not in text.split()
     if family == "lower":
