@@ -46,7 +46,8 @@ PHASE1_ARGS=()
 MASK_DATA=$DATA/train
 PHASE1_STEPS=${PHASE1_STEPS:-1300}
 PHASE2_STEPS=${PHASE2_STEPS:-600}
-if [ "${ROBUST:-0}" = 1 ]; then
+ROBUST=${ROBUST:-0}
+if [ "$ROBUST" = 1 ]; then
     WARMUP_ARGS=(--max-turns 1 --phrasings train)
     TRAIN_ARGS=(--min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3
                 --relation-fraction 0.2)
@@ -60,7 +61,7 @@ $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 200000
     --min-objects 1 --max-objects 1 "${WARMUP_ARGS[@]}" &
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 \
     --caption-order name "${TRAIN_ARGS[@]}" &
-if [ "${ROBUST:-0}" = 1 ]; then
+if [ "$MASK_DATA" != "$DATA/train" ]; then  # masks trained on samples of their own
     $PY -m nextchat.training.synthetic "$MASK_DATA" --num 10000 --seed-start 3000000 --tasks res --max-turns 1 \
         --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2 &
 fi
@@ -84,7 +85,7 @@ $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.trai
 end=$(date +%s)
 echo "[train_shapes] total wall clock (data + both phases): $((end - start)) s"
 $PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" --num 300 --output "$RUNS/shapes_tiny/final_metrics.json"
-if [ "${ROBUST:-0}" = 1 ]; then  # issue 24's evaluation: 1,000 unseen scenes, every object, held-out phrasings
+if [ "$ROBUST" = 1 ]; then  # issue 24's evaluation: 1,000 unseen scenes, every object, held-out phrasings
     $PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" --num 1000 --robust \
         --output "$RUNS/shapes_tiny/robust_metrics.json"
 fi

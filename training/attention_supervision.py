@@ -62,14 +62,20 @@ def per_query_attention_loss(
     return -torch.log(mass.mean(-1) + eps).sum(0)
 
 
+def assistant_turns(input_ids, labels, trigger_token_id):
+    """`(labelled, starts, turn)`, each `(B, L)`: the positions of assistant turns (labelled tokens, and an answer's
+    own `<boxes>`, unlabelled right after its labelled trigger), the first position of each turn, and the turn of
+    every position (labelled: its turn, 1-based; unlabelled: the turn before it, 0 if none)."""
+    labelled = (labels != IGNORE_INDEX) | answer_box_positions(input_ids, labels, trigger_token_id)
+    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
+    return labelled, starts, starts.long().cumsum(1)
+
+
 def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id):
     """The positions that predict the tokens of each region-caption turn — an assistant (labelled) turn without a
     labelled `<at>` whose preceding user turn gives exactly one `<boxes>` — as `(Q, 2)` (row, column), the
     `(Q, 2)` (row, slot) of that box in `box_inputs`, and `(Q,)` weights that sum to 1 over each turn."""
-    # an answer's own `<boxes>` (unlabelled, right after its labelled trigger) belongs to the answer
-    labelled = (labels != IGNORE_INDEX) | answer_box_positions(input_ids, labels, trigger_token_id)
-    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
-    turn = starts.long().cumsum(1)  # labelled: its turn (1-based); unlabelled: the turn before it (0: none)
+    labelled, _, turn = assistant_turns(input_ids, labels, trigger_token_id)
     batch, length = input_ids.shape
     num_turns = int(turn.max()) + 2 if length else 2
     given = (input_ids == box_token_id) & ~labelled
@@ -101,9 +107,7 @@ def answer_start_queries(input_ids, labels, trigger_positions, trigger_token_id)
     referring answer: "The red circle <at>."), as `(K, 2)` (row, column), and the `(T,)` bool over the labelled
     triggers of `trigger_positions` (in their order) that marks the triggers alone in their turn, whose boxes are
     those K positions' targets."""
-    labelled = (labels != IGNORE_INDEX) | answer_box_positions(input_ids, labels, trigger_token_id)
-    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
-    turn = starts.long().cumsum(1)
+    _, starts, turn = assistant_turns(input_ids, labels, trigger_token_id)
     num_turns = int(turn.max()) + 1 if turn.numel() else 1
     rows, columns = trigger_positions[:, 0], trigger_positions[:, 1]
     assistant = labels[rows, columns] != IGNORE_INDEX
@@ -253,17 +257,13 @@ class AttentionSupervision:
         if self.grounding_weight and bool(assistant.any()):
             slots = assistant_box_slots(input_ids, labels, box_inputs_mask, config.trigger_token_id,
                                         config.box_token_id, box_inputs=box_inputs)
-            targets = box_inputs[slots[:, 0], slots[:, 1]].float()
-            per_query, _ = self._attention_mass_loss(config, output, input_ids, triggers[assistant], targets,
-                                                     self.grounding_heads)
-            total = per_query.sum()
-            if self.answer_start:
+            queries, targets = triggers[assistant], box_inputs[slots[:, 0], slots[:, 1]].float()
+            if self.answer_start:  # each referring answer's start looks for its trigger's box too
                 starts, alone = answer_start_queries(input_ids, labels, triggers, config.trigger_token_id)
-                if starts.shape[0]:
-                    per_start, _ = self._attention_mass_loss(config, output, input_ids, starts, targets[alone],
-                                                             self.grounding_heads)
-                    total = total + per_start.sum()
-            terms["grounding_attention_loss"] = total / divisors["boxes"]
+                queries, targets = torch.cat([queries, starts]), torch.cat([targets, targets[alone]])
+            per_query, _ = self._attention_mass_loss(config, output, input_ids, queries, targets,
+                                                     self.grounding_heads)
+            terms["grounding_attention_loss"] = per_query.sum() / divisors["boxes"]
         if region is not None and box_inputs is not None:
             queries, slots, turn_weights = region
             if queries.shape[0]:
