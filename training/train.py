@@ -13,6 +13,8 @@ Config keys (see `training/configs/*.json` for complete examples):
     "reset_head_init": true,                     # scratch only: PyTorch default init of the box/mask heads
     "vision_tower_init": "path",                 # scratch only: a pretrained vision tower (save_pretrained folder,
                                                  # e.g. from `python -m nextchat.training.vision_pretrain`)
+    "sam_init": "path",                          # a pretrained SAM (from `python -m nextchat.training.sam_pretrain`);
+                                                 # also zeroes seg_prompt_mlp's last layer (see its load_sam)
     "seed": 0                                    # init seed (scratch)
   },
   "stage": "full" | "stage1" | "stage2" | "stage3",
@@ -114,11 +116,15 @@ def build_model(model_spec: dict, processor, root="."):
     from nextchat import NextChatForConditionalGeneration
 
     from .presets import init_vision_sincos_positions, reset_head_init, sincos_position_options
+    from .sam_pretrain import load_sam
 
     if "pretrained" in model_spec:
         path = model_spec["pretrained"]
         path = _resolve(path, root) if os.path.exists(_resolve(path, root)) else path
-        return NextChatForConditionalGeneration.from_pretrained(path)
+        model = NextChatForConditionalGeneration.from_pretrained(path)
+        if model_spec.get("sam_init"):
+            load_sam(model, _resolve(model_spec["sam_init"], root))
+        return model
     config = scratch_config(processor, model_spec["scratch"])
     torch.manual_seed(int(model_spec.get("seed", 0)))
     model = NextChatForConditionalGeneration(config)
@@ -129,6 +135,8 @@ def build_model(model_spec: dict, processor, root="."):
         reset_head_init(model)
     if model_spec.get("vision_tower_init"):
         load_vision_tower(model, _resolve(model_spec["vision_tower_init"], root))
+    if model_spec.get("sam_init"):
+        load_sam(model, _resolve(model_spec["sam_init"], root))
     return model
 
 
