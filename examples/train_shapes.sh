@@ -43,19 +43,22 @@ DATA=$RUNS/shapes_data
 WARMUP_ARGS=(--max-turns 1)
 TRAIN_ARGS=(--max-turns 1)
 PHASE1_ARGS=()
+PHASE2_ARGS=()
 MASK_DATA=$DATA/train
-PHASE1_STEPS=${PHASE1_STEPS:-1300}
-PHASE2_STEPS=${PHASE2_STEPS:-600}
 ROBUST=${ROBUST:-0}
 if [ "$ROBUST" = 1 ]; then
     WARMUP_ARGS=(--max-turns 1 --phrasings train)
     TRAIN_ARGS=(--min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3
                 --relation-fraction 0.2)
-    PHASE1_ARGS=(--set model.processor.shapes.phrasings=true --set attention_supervision.answer_start=true)
+    PHASE1_ARGS=(--set model.processor.shapes.phrasings=true --set attention_supervision.answer_start=true
+                 --set "attention_supervision.layers=[-1]")
     MASK_DATA=$DATA/masks
-    PHASE1_STEPS=${PHASE1_STEPS:-1150}
-    PHASE2_STEPS=${PHASE2_STEPS:-450}
+    SAM_STEPS=${SAM_STEPS:-400}
+    PHASE2_ARGS=(--set model.sam_init="\"$RUNS/shapes_tiny/sam\"" --set training_args.learning_rate=1e-3)
 fi
+SAM_STEPS=${SAM_STEPS:-0}  # 0: no SAM stage of its own, phase 2 trains SAM from scratch
+PHASE1_STEPS=${PHASE1_STEPS:-1300}
+PHASE2_STEPS=${PHASE2_STEPS:-$([ "$ROBUST" = 1 ] && echo 200 || echo 600)}
 start=$(date +%s)
 $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
     --min-objects 1 --max-objects 1 "${WARMUP_ARGS[@]}" &
@@ -69,6 +72,10 @@ wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-2000}" \
     --box-loss-weight 1
+if [ "$SAM_STEPS" -gt 0 ]; then  # SAM learns box -> mask alone first (stand-in for SAM's pretraining)
+    $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.sam_pretrain \
+        "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/sam" --max-steps "$SAM_STEPS"
+fi
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
     --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
@@ -81,7 +88,7 @@ $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.trai
     --set model.pretrained="\"$RUNS/shapes_tiny/phase1/final\"" \
     --set data.train="\"$MASK_DATA/data.jsonl\"" --set training_args.max_steps="$PHASE2_STEPS" \
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase2\"" \
-    --set output_model_dir="\"$RUNS/shapes_tiny/final\""
+    --set output_model_dir="\"$RUNS/shapes_tiny/final\"" "${PHASE2_ARGS[@]}"
 end=$(date +%s)
 echo "[train_shapes] total wall clock (data + both phases): $((end - start)) s"
 $PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" --num 300 --output "$RUNS/shapes_tiny/final_metrics.json"
