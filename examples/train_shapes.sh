@@ -32,8 +32,10 @@
 # (not yet the shipped model's: see docs/experiments.md): the questions are worded in the training phrasing families,
 # a tokenizer that covers them, 30% of rec/res turns ask about an absent object, 20% name their target by a relation,
 # half the conversations have two turns of different tasks; the grounding term also asks the start of each referring
-# answer to look at its object (`answer_start`); phase 2 trains the masks on 10k segmentation samples of their own;
-# 1,150 + 450 steps instead of 1,300 + 600, so that the longer sequences still fit 15 minutes.
+# answer to look at its object (`answer_start`); a SAM stage of its own (400 steps of 2 x 8,
+# nextchat/training/sam_pretrain.py: SAM alone learns box -> mask on ground-truth boxes, a stand-in for SAM's
+# pretraining) after stage 0; phase 2 then starts from that SAM (`model.sam_init`) and trains the masks for 200 steps
+# at 1e-3 on 10k segmentation samples of their own.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-$ROOT/runs}
@@ -50,8 +52,7 @@ if [ "$ROBUST" = 1 ]; then
     WARMUP_ARGS=(--max-turns 1 --phrasings train)
     TRAIN_ARGS=(--min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3
                 --relation-fraction 0.2)
-    PHASE1_ARGS=(--set model.processor.shapes.phrasings=true --set attention_supervision.answer_start=true
-                 --set "attention_supervision.layers=[-1]")
+    PHASE1_ARGS=(--set model.processor.shapes.phrasings=true --set attention_supervision.answer_start=true)
     MASK_DATA=$DATA/masks
     SAM_STEPS=${SAM_STEPS:-400}
     PHASE2_ARGS=(--set model.sam_init="\"$RUNS/shapes_tiny/sam\"" --set training_args.learning_rate=1e-3)
