@@ -168,8 +168,9 @@ def main(argv=None):
     from ..loss_nextchat import NextChatLossWeights
     from ..sam_nextchat import NextChatSamModel
 
-    from .train import build_processor, build_training_args, scratch_config
+    from .train import build_processor, leave_process_group, scratch_config
     from .trainer import NextChatTrainer
+    from .vision_pretrain import stage0_training_args
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.sam_pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,13 +208,7 @@ def main(argv=None):
                                  **scene)
     held_out = ShapesBoxMaskDataset(range(args.seed_start + args.num, args.seed_start + args.num + args.eval_num),
                                     processor.image_processor, **scene)
-    training_args = build_training_args({
-        "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 20,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0,
-        "disable_tqdm": True, "remove_unused_columns": False,
-    }, root=".")
+    training_args = stage0_training_args(args, warmup_steps=20, remove_unused_columns=False)
     trainer = NextChatTrainer(model=model, args=training_args, train_dataset=train, data_collator=collate_box_masks)
     trainer.train()
     if trainer.is_world_process_zero():
@@ -224,9 +219,7 @@ def main(argv=None):
                        "log_history": trainer.state.log_history}, f, indent=1)
         print(f"[sam_pretrain] mask mIoU from ground-truth boxes on {len(held_out)} held-out scenes: {miou:.3f}; "
               f"SAM saved to {args.output_dir}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return 0
 
 

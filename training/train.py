@@ -299,11 +299,15 @@ def main(argv=None):
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     run(config, root=os.path.dirname(os.path.abspath(args.config)))
-    # multi-process runs: leave together and tear the process group down before the interpreter exits
+    leave_process_group()
+    return 0
+
+
+def leave_process_group() -> None:
+    """Multi-process runs: leave together and tear the process group down before the interpreter exits."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

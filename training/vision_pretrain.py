@@ -194,9 +194,24 @@ def build_vision_tower(config: dict, root: str = "."):
     return tower, processor, nextchat_config
 
 
+def stage0_training_args(args, warmup_steps: int, **overrides):
+    """`TrainingArguments` of a stage-0 run (this module's or `sam_pretrain`'s) from its parsed command line
+    (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`): cosine decay over a fixed number
+    of steps, no checkpoints, seed 0; `overrides` are further TrainingArguments fields."""
+    from .train import build_training_args
+
+    return build_training_args({
+        "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": warmup_steps,
+        "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
+        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0,
+        "disable_tqdm": True, **overrides,
+    }, root=".")
+
+
 def main(argv=None):
     from .synthetic import COLORS, SHAPES
-    from .train import build_training_args
+    from .train import leave_process_group
     from .trainer import NextChatTrainer
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.vision_pretrain", description=__doc__,
@@ -229,13 +244,7 @@ def main(argv=None):
                                **scene)
     held_out = ShapesPatchDataset(range(args.seed_start + args.num, args.seed_start + args.num + args.eval_num),
                                   processor.image_processor, patch, **scene)
-    training_args = build_training_args({
-        "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 50,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0,
-        "disable_tqdm": True,
-    }, root=".")
+    training_args = stage0_training_args(args, warmup_steps=50)
     # NextChatTrainer for its logging; the classifier has no NExT-Chat loss items, so its loss is the stock one
     trainer = NextChatTrainer(model=classifier, args=training_args, train_dataset=train)
     trainer.train()
@@ -251,9 +260,7 @@ def main(argv=None):
                  if "box_error" in metrics else "")
         print(f"[vision_pretrain] object-patch accuracy (colour and shape) on {len(held_out)} held-out scenes: "
               f"{metrics['accuracy']:.3f}{boxes}; vision tower saved to {args.output_dir}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
     return 0
 
 
