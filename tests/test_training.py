@@ -756,3 +756,22 @@ def test_synthetic_eval_runs_the_real_inference_path(processor):
     assert metrics["num_queries"] == {"rec": 2, "res": 2, "reg": 2, "gc": 2}
     for key in ("rec_acc@0.5", "res_mask_miou", "reg_exact_match", "gc_box_recall@0.5"):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_bf16_auto_reads_the_cpus_bf16_flags(tmp_path):
+    """`"bf16": "auto"` without a GPU: bf16 only where the CPU flags name bf16 matrix instructions (x86 `avx512_bf16`
+    or `amx_bf16`, Arm `bf16`); an unreadable file or other flags give fp32."""
+    from nextchat.training.train import cpu_has_native_bf16
+
+    cases = {
+        "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n": True,
+        "processor\t: 0\nflags\t\t: fpu avx2 amx_tile amx_bf16\n": True,
+        "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n": True,
+        "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n": False,  # avx512 alone emulates bf16
+        "processor\t: 0\nFeatures\t: fp asimd sve\n": False,
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        assert cpu_has_native_bf16(str(path)) is expected, text
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False

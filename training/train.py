@@ -34,7 +34,7 @@ Config keys (see `training/configs/*.json` for complete examples):
                                                  # training_args.train_sampling_strategy "sequential", a curriculum)
     "max_length": null, "use_masks": true, "system_prompt": null
   },
-  "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the accelerator supports it},
+  "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the hardware computes it natively},
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
   "torch_num_threads": 1                         # optional: torch.set_num_threads
 }
@@ -61,10 +61,27 @@ def _resolve(path, root):
     return os.path.normpath(os.path.join(root, path))
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from
+    the kernel's CPU flags; False where they cannot be read. Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+    return False
+
+
 def bf16_available() -> bool:
+    """What `"bf16": "auto"` resolves to: bf16 mixed precision where the hardware computes it natively, a CUDA GPU
+    that supports it or, without one, a CPU with bf16 instructions (there it halves a step's time)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return False
+    return cpu_has_native_bf16()
 
 
 def build_processor(spec, pretrained=None, root="."):

@@ -197,14 +197,14 @@ def build_vision_tower(config: dict, root: str = "."):
 def stage0_training_args(args, warmup_steps: int, **overrides):
     """`TrainingArguments` of a stage-0 run (this module's or `sam_pretrain`'s) from its parsed command line
     (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`): cosine decay over a fixed number
-    of steps, no checkpoints, seed 0; `overrides` are further TrainingArguments fields."""
+    of steps, no checkpoints, seed 0, bf16 where the hardware has it; `overrides` are further TrainingArguments fields."""
     from .train import build_training_args
 
     return build_training_args({
         "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": warmup_steps,
         "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0,
+        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0, "bf16": "auto",
         "disable_tqdm": True, **overrides,
     }, root=".")
 
