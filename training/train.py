@@ -192,6 +192,8 @@ def build_training_args(spec: dict, root: str):
     spec = dict(spec)
     if spec.get("bf16") == "auto":
         spec["bf16"] = bf16_available()
+        if spec["bf16"] and not torch.cuda.is_available():
+            spec.setdefault("use_cpu", True)  # TrainingArguments refuses bf16 without a GPU unless told it is a CPU run
     if "output_dir" in spec:
         spec["output_dir"] = _resolve(spec["output_dir"], root)
     for key in ("deepspeed", "fsdp_config"):  # config files named relative to the training config
