@@ -167,13 +167,14 @@ def test_shipped_chat_template_marks_the_assistant_turns():
 
 @needs_shipped
 def test_shapes_tokenizer_is_the_shipped_models(tmp_path):
-    """`build_shapes_tokenizer` (what training the shapes model starts from) still gives the shipped tokenizer,
-    byte for byte, with the five NExT-Chat tokens at the ids the shipped config names."""
+    """`build_shapes_tokenizer(phrasings=True)` (what training the shapes model starts from: its corpus covers the
+    training phrasing families) still gives the shipped tokenizer, byte for byte, with the five NExT-Chat tokens at
+    the ids the shipped config names."""
     from nextchat import NextChatConfig
     from nextchat.configuration.configuration_nextchat import NEXTCHAT_SPECIAL_TOKENS
     from nextchat.training.synthetic import build_shapes_tokenizer
 
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = build_shapes_tokenizer(phrasings=True)
     tokenizer.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == (SHIPPED / "tokenizer.json").read_bytes()
     shipped_settings = json.loads((SHIPPED / "tokenizer_config.json").read_text())
