@@ -78,7 +78,7 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def bf16_available() -> bool:
     """What `"bf16": "auto"` resolves to: bf16 mixed precision where the hardware computes it natively, a CUDA GPU
-    that supports it or, without one, a CPU with bf16 instructions (there it halves a step's time)."""
+    that supports it or, without one, a CPU with bf16 instructions."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_has_native_bf16()
@@ -192,19 +192,19 @@ def build_training_args(spec: dict, root: str):
     spec = dict(spec)
     if spec.get("bf16") == "auto":
         spec["bf16"] = bf16_available()
-        if spec["bf16"] and not torch.cuda.is_available():
-            spec.setdefault("use_cpu", True)  # TrainingArguments refuses bf16 without a GPU unless told it is a CPU run
     if "output_dir" in spec:
         spec["output_dir"] = _resolve(spec["output_dir"], root)
     for key in ("deepspeed", "fsdp_config"):  # config files named relative to the training config
         if isinstance(spec.get(key), str) and os.path.exists(_resolve(spec[key], root)):
             spec[key] = _resolve(spec[key], root)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Multi-process on CPU: without `use_cpu` accelerate does not set up data parallelism (each process would
-        # train alone on its shard); gloo is the CPU backend.
+    multi_process, on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1, not torch.cuda.is_available()
+    if on_cpu and (multi_process or spec.get("bf16")):
+        # A CPU run must say so: without `use_cpu` accelerate does not set up data parallelism (each process would
+        # train alone on its shard), and TrainingArguments refuses bf16.
         spec.setdefault("use_cpu", True)
-        spec.setdefault("ddp_backend", "gloo")
-    elif int(os.environ.get("WORLD_SIZE", "1")) == 1 and spec.get("ddp_backend") == "gloo":
+    if multi_process and on_cpu:
+        spec.setdefault("ddp_backend", "gloo")  # the CPU backend
+    elif not multi_process and spec.get("ddp_backend") == "gloo":
         spec.pop("ddp_backend")  # a single process must not ask accelerate for a process group
     spec.setdefault("remove_unused_columns", False)  # the collator already returns only model inputs
     spec.setdefault("report_to", "none")
