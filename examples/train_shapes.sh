@@ -26,8 +26,8 @@
 # predicted one).
 # Every stage runs as NPROC data-parallel CPU processes (torchrun, gloo, one thread each, bf16 where the CPU has
 # bf16 instructions) for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. The whole script takes about 15 minutes on a 2-core CPU with bf16 instructions
-# (about twice as long without them).
+# run is the same run every time. The whole script takes 15 to 24 minutes on a 2-core CPU with bf16 instructions
+# (884 s and 1,432 s measured on two such machines; about twice as long without them).
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
 # The runs that chose this recipe (seeds, variants, ablations) are in docs/experiments.md.

@@ -83,7 +83,7 @@ def main(argv=None):
     result = processor.post_process_generation(output, image_sizes=inputs["image_sizes"])[0]
 
     if shipped:
-        print("NOTE: a 2.2M-parameter model trained from scratch in about 15 minutes on CPU: it boxes and segments "
+        print("NOTE: a 2.2M-parameter model trained from scratch in 15-25 minutes on CPU: it boxes and segments "
               "the object a phrase names (98 times in 100, also when the question is worded in a way it never saw), "
               "names the object in a given box (93 in 100), finds 97 objects in 100 when it describes a scene, and "
               "answers without a box about an object that is not there (93 in 100); scores and limits in "
