@@ -197,7 +197,8 @@ def build_vision_tower(config: dict, root: str = "."):
 def stage0_training_args(args, warmup_steps: int, **overrides):
     """`TrainingArguments` of a stage-0 run (this module's or `sam_pretrain`'s) from its parsed command line
     (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`): cosine decay over a fixed number
-    of steps, no checkpoints, seed 0, bf16 where the hardware has it; `overrides` are further TrainingArguments fields."""
+    of steps, no checkpoints, seed 0, bf16 where the hardware has it; `overrides` are further TrainingArguments
+    fields."""
     from .train import build_training_args
 
     return build_training_args({
