@@ -8,6 +8,7 @@ import torch
 from nextchat.training.attention_supervision import (
     AttentionSupervision,
     answer_start_queries,
+    caption_start_queries,
     region_caption_queries,
 )
 from nextchat.training.trainer import count_loss_items
@@ -183,6 +184,33 @@ def test_answer_start_adds_the_start_position_to_the_grounding_term():
     torch.testing.assert_close(without, sum(losses[:3]) / 3)
     with pytest.raises(ValueError, match="answer_start"):
         AttentionSupervision(grounding_weight=1.0, answer_start=1)
+
+
+def test_caption_start_queries_by_hand():
+    """Only the turn with two triggers has its start asked: the position before its first answer token; both of its
+    triggers belong to that one query, the referring answer's trigger to none."""
+    sample, first_start = two_turn_sample()
+    second_start = first_start + 4 + len(USER_2)
+    triggers = torch.tensor([[0, i] for i, t in enumerate(TWO_TURNS) if t == TRIGGER])
+    queries, owner = caption_start_queries(sample["input_ids"], sample["labels"], triggers, TRIGGER)
+    assert queries.tolist() == [[0, second_start - 1]]
+    assert owner.tolist() == [-1, 0, 0]
+
+
+def test_caption_start_adds_the_caption_start_on_the_union_of_its_boxes():
+    """Grounding term with `caption_start` (and `answer_start`): the caption's start is one more query whose targets
+    are the union of its two boxes' patches (0, 2 and 0: patches 0 and 2), divided by the 3 answer boxes."""
+    sample, first_start = two_turn_sample()
+    second_start = first_start + 4 + len(USER_2)
+    out = supervised(grounding_weight=1.0, answer_start=True, caption_start=True)(**sample)
+    patch_columns = [i for i, t in enumerate(TWO_TURNS) if t == IMAGE_PATCH]
+    answer_triggers = [i for i, t in enumerate(TWO_TURNS) if t == TRIGGER and i >= len(PROMPT)]
+    queries = list(zip(answer_triggers, [[3], [0, 2], [0]])) + [(first_start - 1, [3]), (second_start - 1, [0, 2])]
+    attention = out.attentions[1][0].mean(0)
+    losses = [-torch.log(sum(attention[c, patch_columns[p]] for p in patches) + 1e-6) for c, patches in queries]
+    torch.testing.assert_close(out.grounding_attention_loss, sum(losses) / 3)
+    with pytest.raises(ValueError, match="caption_start"):
+        AttentionSupervision(grounding_weight=1.0, caption_start="yes")
 
 
 def labels_of(row, assistant_spans):

@@ -4,7 +4,8 @@ from scratch learn where to look.
 * grounding term: `−log` of the attention mass that each answer trigger `<at>` puts on the image patches inside
   its target box (averaged over the supervised heads and layers). It teaches the trigger to look at the object it
   names, which a from-scratch model otherwise learns last. With `answer_start`, the position that starts a
-  referring answer is asked the same, so that the answer's first words can depend on the image.
+  referring answer is asked the same, so that the answer's first words can depend on the image; with
+  `caption_start`, the position that starts a grounded caption is asked to attend to the union of its boxes.
 * region term: every position that predicts a token of a region-caption turn (an assistant turn without a
   labelled `<at>`, after a user turn that gives exactly one box) is asked, like a trigger, to attend to that box's
   patches; each turn counts once (its positions averaged; the term is the mean over such turns).
@@ -102,11 +103,9 @@ def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id,
     return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
 
 
-def answer_start_queries(input_ids, labels, trigger_positions, trigger_token_id):
-    """The position that predicts the first token of each assistant turn with exactly one labelled `<at>` (a
-    referring answer: "The red circle <at>."), as `(K, 2)` (row, column), and the `(T,)` bool over the labelled
-    triggers of `trigger_positions` (in their order) that marks the triggers alone in their turn, whose boxes are
-    those K positions' targets."""
+def _answer_trigger_turns(input_ids, labels, trigger_positions, trigger_token_id):
+    """For the labelled triggers of `trigger_positions`: their `(T,)` rows, their turns, how many labelled triggers
+    each one's turn has, and the position that predicts the first token of each one's turn."""
     _, starts, turn = assistant_turns(input_ids, labels, trigger_token_id)
     num_turns = int(turn.max()) + 1 if turn.numel() else 1
     rows, columns = trigger_positions[:, 0], trigger_positions[:, 1]
@@ -115,12 +114,36 @@ def answer_start_queries(input_ids, labels, trigger_positions, trigger_token_id)
     turns = turn[rows, columns]
     per_turn = torch.zeros(input_ids.shape[0], num_turns, dtype=torch.long, device=input_ids.device)
     per_turn.index_put_((rows, turns), torch.ones_like(turns), accumulate=True)
-    alone = per_turn[rows, turns] == 1
     start_rows, start_columns = torch.nonzero(starts, as_tuple=True)
     first_column = torch.zeros_like(per_turn)
     first_column[start_rows, turn[start_rows, start_columns]] = start_columns
-    queries = torch.stack([rows[alone], first_column[rows[alone], turns[alone]] - 1], 1)
-    return queries, alone
+    return rows, turns, per_turn[rows, turns], first_column[rows, turns] - 1
+
+
+def answer_start_queries(input_ids, labels, trigger_positions, trigger_token_id):
+    """The position that predicts the first token of each assistant turn with exactly one labelled `<at>` (a
+    referring answer: "The red circle <at>."), as `(K, 2)` (row, column), and the `(T,)` bool over the labelled
+    triggers of `trigger_positions` (in their order) that marks the triggers alone in their turn, whose boxes are
+    those K positions' targets."""
+    rows, _, count, start = _answer_trigger_turns(input_ids, labels, trigger_positions, trigger_token_id)
+    alone = count == 1
+    return torch.stack([rows[alone], start[alone]], 1), alone
+
+
+def caption_start_queries(input_ids, labels, trigger_positions, trigger_token_id):
+    """The position that predicts the first token of each assistant turn with two or more labelled `<at>` (a
+    grounded caption: "There are two objects: a red circle <at> and ..."), as `(M, 2)` (row, column), and the `(T,)`
+    long over the labelled triggers of `trigger_positions` (in their order) giving the query of each trigger's turn
+    (-1 for a trigger alone in its turn): each query's target is the union of its triggers' boxes."""
+    rows, turns, count, start = _answer_trigger_turns(input_ids, labels, trigger_positions, trigger_token_id)
+    several = count >= 2
+    keys = torch.stack([rows[several], turns[several]], 1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    owner = torch.full_like(rows, -1)
+    owner[several] = inverse
+    queries = torch.zeros(len(unique), 2, dtype=torch.long, device=input_ids.device)
+    queries[inverse] = torch.stack([rows[several], start[several]], 1)
+    return queries, owner
 
 
 def _check_heads(name, heads, count):
@@ -145,6 +168,10 @@ class AttentionSupervision:
             with one `<at>`) to look at that trigger's box, so that the answer's first words — its object's name,
             or "There is no ..." when the object is absent — can depend on what is in the image (each such
             position counts like one more trigger).
+        caption_start: the grounding term also asks the position that starts a grounded caption (an assistant turn
+            with two or more `<at>`) to look at the union of its boxes, so that the caption's first words ("There
+            are three objects:") can depend on what is in the image, whatever the question's wording (each such
+            position counts like one more trigger).
     """
 
     grounding_weight: float = 0.0
@@ -154,9 +181,10 @@ class AttentionSupervision:
     region_heads: list[int] | None = None
     per_head: bool = False
     answer_start: bool = False
+    caption_start: bool = False
 
     def __post_init__(self):
-        for name in ("per_head", "answer_start"):
+        for name in ("per_head", "answer_start", "caption_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name in ("grounding_weight", "region_weight"):
@@ -251,32 +279,40 @@ class AttentionSupervision:
                                             config.box_token_id)
         local["region_turns"] = round(float(region[2].sum())) if region is not None else 0
         divisors = normalisers(local, num_items_in_batch)
+        grid_size = math.isqrt(config.image_seq_length)
         terms = {}
         triggers = output.trigger_positions
         assistant = labels[triggers[:, 0], triggers[:, 1]] != IGNORE_INDEX
         if self.grounding_weight and bool(assistant.any()):
             slots = assistant_box_slots(input_ids, labels, box_inputs_mask, config.trigger_token_id,
                                         config.box_token_id, box_inputs=box_inputs)
-            queries, targets = triggers[assistant], box_inputs[slots[:, 0], slots[:, 1]].float()
+            queries = triggers[assistant]
+            targets = box_patch_targets(box_inputs[slots[:, 0], slots[:, 1]].float(), grid_size)
             if self.answer_start:  # each referring answer's start looks for its trigger's box too
                 starts, alone = answer_start_queries(input_ids, labels, triggers, config.trigger_token_id)
                 queries, targets = torch.cat([queries, starts]), torch.cat([targets, targets[alone]])
+            if self.caption_start:  # each grounded caption's start looks at all of its boxes
+                starts, owner = caption_start_queries(input_ids, labels, triggers, config.trigger_token_id)
+                member = owner >= 0
+                union = torch.zeros(len(starts), targets.shape[1], device=targets.device)
+                union.index_add_(0, owner[member], targets[: len(owner)][member].float())
+                queries, targets = torch.cat([queries, starts]), torch.cat([targets, union > 0])
             per_query, _ = self._attention_mass_loss(config, output, input_ids, queries, targets,
                                                      self.grounding_heads)
             terms["grounding_attention_loss"] = per_query.sum() / divisors["boxes"]
         if region is not None and box_inputs is not None:
             queries, slots, turn_weights = region
             if queries.shape[0]:
-                boxes = box_inputs[slots[:, 0], slots[:, 1]].float()
-                per_query, usable = self._attention_mass_loss(config, output, input_ids, queries, boxes,
+                targets = box_patch_targets(box_inputs[slots[:, 0], slots[:, 1]].float(), grid_size)
+                per_query, usable = self._attention_mass_loss(config, output, input_ids, queries, targets,
                                                               self.region_heads)
                 terms["region_attention_loss"] = (per_query * turn_weights[usable]).sum() / divisors["region_turns"]
         return terms
 
-    def _attention_mass_loss(self, config, output, input_ids, queries, query_boxes, heads=None):
-        """`(K',)` `per_query_attention_loss` of the `(K, 2)` (row, column) `queries` over the patches of their
-        `(K, 4)` target boxes, averaged over the supervised layers, and the `(K,)` bool of the queries kept: a query
-        counts only in a row with one image block before it, whose patches its box is laid on."""
+    def _attention_mass_loss(self, config, output, input_ids, queries, target_patches, heads=None):
+        """`(K',)` `per_query_attention_loss` of the `(K, 2)` (row, column) `queries` over their `(K, P)` bool target
+        patches (row-major over the patch grid), averaged over the supervised layers, and the `(K,)` bool of the
+        queries kept: a query counts only in a row with one image block before it, whose patches its targets are."""
         attentions = output.attentions
         if not attentions or any(attention is None for attention in attentions):
             raise ValueError(
@@ -292,7 +328,7 @@ class AttentionSupervision:
         patch_columns = patch_columns[:, :num_patches]
         rows, columns = queries[:, 0], queries[:, 1]
         usable = (is_patch.sum(1)[rows] == num_patches) & (patch_columns[rows, -1] < columns)
-        rows, columns, query_boxes = rows[usable], columns[usable], query_boxes[usable]
+        rows, columns, target_patches = rows[usable], columns[usable], target_patches[usable]
         patch_columns = patch_columns[rows]
         per_layer = []
         for layer in layers:
@@ -301,11 +337,10 @@ class AttentionSupervision:
                 query_rows = query_rows[:, list(heads)]
             index = patch_columns[:, None, :].expand(-1, query_rows.shape[1], -1).to(query_rows.device)
             per_layer.append(torch.gather(query_rows, 2, index))
-        targets = box_patch_targets(query_boxes, math.isqrt(num_patches))
-        per_query = per_query_attention_loss(torch.stack(per_layer), targets.to(per_layer[0].device),
+        per_query = per_query_attention_loss(torch.stack(per_layer), target_patches.to(per_layer[0].device),
                                              per_head=self.per_head)
         return per_query / len(layers), usable
 
 
 __all__ = ["ATTENTION_LOSS_TERMS", "AttentionSupervision", "answer_start_queries", "box_patch_targets",
-           "per_query_attention_loss", "region_caption_queries"]
+           "caption_start_queries", "per_query_attention_loss", "region_caption_queries"]
