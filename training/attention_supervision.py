@@ -287,15 +287,16 @@ class AttentionSupervision:
             slots = assistant_box_slots(input_ids, labels, box_inputs_mask, config.trigger_token_id,
                                         config.box_token_id, box_inputs=box_inputs)
             queries = triggers[assistant]
-            targets = box_patch_targets(box_inputs[slots[:, 0], slots[:, 1]].float(), grid_size)
+            trigger_targets = box_patch_targets(box_inputs[slots[:, 0], slots[:, 1]].float(), grid_size)
+            targets = trigger_targets
             if self.answer_start:  # each referring answer's start looks for its trigger's box too
                 starts, alone = answer_start_queries(input_ids, labels, triggers, config.trigger_token_id)
-                queries, targets = torch.cat([queries, starts]), torch.cat([targets, targets[alone]])
+                queries, targets = torch.cat([queries, starts]), torch.cat([targets, trigger_targets[alone]])
             if self.caption_start:  # each grounded caption's start looks at all of its boxes
                 starts, owner = caption_start_queries(input_ids, labels, triggers, config.trigger_token_id)
                 member = owner >= 0
-                union = torch.zeros(len(starts), targets.shape[1], device=targets.device)
-                union.index_add_(0, owner[member], targets[: len(owner)][member].float())
+                union = torch.zeros(len(starts), trigger_targets.shape[1], device=trigger_targets.device)
+                union.index_add_(0, owner[member], trigger_targets[member].float())
                 queries, targets = torch.cat([queries, starts]), torch.cat([targets, union > 0])
             per_query, _ = self._attention_mass_loss(config, output, input_ids, queries, targets,
                                                      self.grounding_heads)
