@@ -8,26 +8,28 @@
 #   interpreter, default python).
 #
 # Data (written by three processes in parallel): a warm-up section of lone objects (5k "where is X" samples),
-# then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the eight training phrasing families;
+# then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the nine training phrasing families;
 # 30% of rec/res turns ask about an absent object ("There is no purple circle."), 20% name their target by a
 # relation, half the conversations have two turns of different tasks; grounded captions list their objects by name;
 # and 10k segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
-# Stage 0 (2000 steps of 2 x 8): the vision tower alone learns to name the object under every patch (colour x
+# Stage 0 (4000 steps of 2 x 8): the vision tower alone learns to name the object under every patch (colour x
 # shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py).
 # SAM stage (400 steps of 2 x 8): SAM alone learns box -> mask on ground-truth boxes, a stand-in for SAM's
 # pretraining (nextchat/training/sam_pretrain.py).
 # Phase 1 (stage "stage2", 2800 steps of 2 x 32, from the stage-0 tower): projector, LLaMA and the box heads with
 # CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first), plus two
 # training-only attention terms (not in the original; `attention_supervision` in training/configs/shapes_tiny.json):
-# heads 0-2 of every answer trigger, and of the position that starts a referring answer (`answer_start`), are asked
-# to attend to their object's patches; head 3 of every region-caption token to the given box's patches.
+# in LLaMA's last layer, heads 0-2 of every answer trigger, of the position that starts a referring answer
+# (`answer_start`) and of the one that starts a grounded caption (`caption_start`) are asked to attend to their
+# object's patches (the caption start to all its objects'); head 3 of every region-caption token to the given box's
+# patches.
 # Phase 2 (stage "sam", 150 steps of 2 x 16 at 1e-3, from the SAM stage via `model.sam_init`): seg_prompt_mlp and
 # SAM with everything else frozen, SAM prompted with the ground-truth box in training (generation uses the
 # predicted one).
 # Every stage runs as NPROC data-parallel CPU processes (torchrun, gloo, one thread each, bf16 where the CPU has
 # bf16 instructions) for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. The whole script takes 15 to 24 minutes on a 2-core CPU with bf16 instructions
-# (884 s and 1,432 s measured on two such machines; about twice as long without them).
+# run is the same run every time. The whole script takes 16 to 26 minutes on a 2-core CPU with bf16 instructions,
+# depending on the machine (about twice as long without them; timings in docs/experiments.md).
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
 # The runs that chose this recipe (seeds, variants, ablations) are in docs/experiments.md.
@@ -47,7 +49,7 @@ $PY -m nextchat.training.synthetic "$DATA/masks" --num 10000 --seed-start 300000
     --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2 &
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
-    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-2000}" \
+    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-4000}" \
     --box-loss-weight 1
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.sam_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/sam" --max-steps "${SAM_STEPS:-400}"

@@ -119,6 +119,10 @@ def test_each_family_by_hand_for_a_fixed_stream():
         "bare": ("red circle?", "the blue diamond, segmented", "[1]", "objects?"),
         "synonym": ("Show me the scarlet disc.", "Please give the mask of the cobalt rhombus.",
                     "What object is at [1]?", "Describe the image with object locations."),
+        "fronted": ("On this image, show me the red circle.",
+                    "Given the picture, give the mask of the blue diamond.",
+                    "Regarding [1]: what object is this?",
+                    "Given the picture, list every object and where it is."),
         "postposed": ("Show me the circle which is red.", "Give the mask of the diamond which is blue.",
                       "At [1], which object is it?", "With object locations, describe the image."),
         "indirect": ("Tell me where the red circle is, please.", "I would like the blue diamond segmented.",
@@ -165,6 +169,10 @@ def _family_shape_ok(family, text, color, shape):
         colors = [SYNONYM_COLOR[w] for w in words if w in SYNONYM_COLOR]
         shapes = [SYNONYM_SHAPE.get(w, w) for w in words if w in SYNONYM_SHAPE or w in SHAPES]
         return colors == [color] and shapes == [shape] and color not in words
+    if family == "fronted":
+        lead, _, request = text.partition(", ")
+        return (lead in ("In this image", "Given the picture", "On this image") and f"the {canonical}" in request
+                and request[0].islower() and text.endswith((".", "?")))
     if family == "postposed":
         return re.search(rf"\bthe {shape} (that|which) is {color}\b", text) is not None
     if family == "indirect":
@@ -233,7 +241,7 @@ def test_phrasings_tokenizer_keeps_every_training_word_whole():
     tokenizer = build_shapes_tokenizer(phrasings=True)
     assert len(tokenizer) == 1024 + 5  # PHRASINGS_VOCAB_SIZE + the five NExT-Chat tokens
     words = set()
-    for seed in range(200):
+    for seed in range(300):
         _, record = make_sample(seed, phrasings="train", absent_fraction=0.2, relation_fraction=0.5, max_turns=3)
         for message in record["conversations"]:
             words |= set(re.findall(r"[A-Za-z]+", message["content"].replace("<image>", "")))

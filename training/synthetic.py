@@ -29,9 +29,10 @@ Opt-in variations (issue 24; none of them changes the default output of any seed
 --------------------------------------------------------------------------------
 * ``phrasings``: the wording of each question is drawn from phrasing families (:data:`PHRASING_FAMILIES`):
   ``template`` (the sentences above), ``question``, ``command``, ``no_article``, ``lower``, ``upper``, ``bare``,
-  ``synonym`` (training families, :data:`TRAIN_PHRASINGS`) and the HELD-OUT families :data:`HELD_OUT_PHRASINGS`
-  (``postposed``: "Where is the circle that is red?", ``indirect``: "I am looking for the red circle."), which
-  training data never uses (:func:`make_sample` refuses them unless ``allow_held_out=True``, for evaluation data).
+  ``synonym``, ``fronted`` ("Given the picture, find the red circle."; training families,
+  :data:`TRAIN_PHRASINGS`) and the HELD-OUT families :data:`HELD_OUT_PHRASINGS` (``postposed``: "Where is the
+  circle that is red?", ``indirect``: "I am looking for the red circle."), which training data never uses
+  (:func:`make_sample` refuses them unless ``allow_held_out=True``, for evaluation data).
   Answers always use the canonical words ("The red circle [0].").
 * ``absent_fraction``: that fraction of the rec/res turns asks about a colour/shape combination that is not in the
   scene, answered without a box: "There is no purple circle." (:func:`absent_attributes`).
@@ -167,6 +168,15 @@ PHRASING_FAMILIES = {
         "gc": ("objects?", "all objects"),
     },
     "synonym": None,  # the template sentences, the colour (and, for circle and diamond, the shape) named by a synonym
+    # word order: a leading phrase before the request, so that the task is not told by the first words alone
+    "fronted": {
+        "rec": ("In this image, where is the {p}?", "Given the picture, find the {p}.",
+                "On this image, show me the {p}."),
+        "res": ("In this image, segment the {p}.", "Given the picture, give the mask of the {p}."),
+        "reg": ("Given [{i}], what do you see?", "Regarding [{i}]: what object is this?"),
+        "gc": ("Given the picture, list every object and where it is.",
+               "For this image, describe it with object locations."),
+    },
     # held out (never in training data): word order, and statements instead of questions or commands
     "postposed": {
         "rec": ("Where is the {s} that is {c}?", "Find the {s} that is {c}.", "Show me the {s} which is {c}."),
