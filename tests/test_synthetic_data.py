@@ -119,10 +119,11 @@ def test_each_family_by_hand_for_a_fixed_stream():
         "bare": ("red circle?", "the blue diamond, segmented", "[1]", "objects?"),
         "synonym": ("Show me the scarlet disc.", "Please give the mask of the cobalt rhombus.",
                     "What object is at [1]?", "Describe the image with object locations."),
-        "fronted": ("On this image, show me the red circle.",
-                    "Given the picture, give the mask of the blue diamond.",
-                    "Regarding [1]: what object is this?",
-                    "Given the picture, list every object and where it is."),
+        "fronted": ("Here, where is the red circle?", "On this image, outline the blue diamond.",
+                    "Here, what is in [1]?", "Given the picture, describe it with object locations."),
+        "appositive": ("Show me the circle, the red one.", "Give the mask of the diamond, the blue one.",
+                       "The region [1]: what does it show?",
+                       "The objects in the image: name them with their locations."),
         "postposed": ("Show me the circle which is red.", "Give the mask of the diamond which is blue.",
                       "At [1], which object is it?", "With object locations, describe the image."),
         "indirect": ("Tell me where the red circle is, please.", "I would like the blue diamond segmented.",
@@ -171,8 +172,10 @@ def _family_shape_ok(family, text, color, shape):
         return colors == [color] and shapes == [shape] and color not in words
     if family == "fronted":
         lead, _, request = text.partition(", ")
-        return (lead in ("In this image", "Given the picture", "On this image") and f"the {canonical}" in request
-                and request[0].islower() and text.endswith((".", "?")))
+        return (lead in ("In this image", "Given the picture", "For this image", "On this image", "Now", "Here")
+                and f"the {canonical}" in request and request[0].islower() and text.endswith((".", "?")))
+    if family == "appositive":
+        return re.search(rf"\bthe {shape}(,|\?) (t|T)he {color} one\.$", text) is not None
     if family == "postposed":
         return re.search(rf"\bthe {shape} (that|which) is {color}\b", text) is not None
     if family == "indirect":
@@ -195,6 +198,20 @@ def test_each_family_produces_its_stated_sentence_shape(family):
             o = record["objects"][query["object"]]
             assert answer.startswith(f"The {o['color']} {o['shape']} [")
     assert seen >= 40
+
+
+def test_fronted_leads_do_not_tell_the_task():
+    # every leading phrase that one task's questions use, every other task's questions use too
+    leads = {}
+    for task in ("rec", "res", "reg", "gc"):
+        rng = np.random.default_rng(5)
+        sentences = {family_question("fronted", task, rng, "red", "circle", i=0) for _ in range(400)}
+        leads[task] = {re.sub(r"\[0\]", "[i]", text.partition(", ")[0]) for text in sentences if ", " in text}
+    assert leads["rec"] == leads["res"] == leads["gc"] == leads["reg"] - {"Given [i]", "About [i]"}
+    assert len(leads["rec"]) >= 6
+    # the request after the lead names the task's object, or the box
+    rng = np.random.default_rng(6)
+    assert all("[3]" in family_question("fronted", "reg", rng, i=3) for _ in range(100))
 
 
 def test_held_out_families_are_refused_for_training_and_never_in_training_output(tmp_path):

@@ -29,7 +29,8 @@ Opt-in variations (issue 24; none of them changes the default output of any seed
 --------------------------------------------------------------------------------
 * ``phrasings``: the wording of each question is drawn from phrasing families (:data:`PHRASING_FAMILIES`):
   ``template`` (the sentences above), ``question``, ``command``, ``no_article``, ``lower``, ``upper``, ``bare``,
-  ``synonym``, ``fronted`` ("Given the picture, find the red circle."; training families,
+  ``synonym``, ``fronted`` ("Given the picture, find the red circle."; any lead with any task),
+  ``appositive`` ("Find the circle, the red one."; training families,
   :data:`TRAIN_PHRASINGS`) and the HELD-OUT families :data:`HELD_OUT_PHRASINGS` (``postposed``: "Where is the
   circle that is red?", ``indirect``: "I am looking for the red circle."), which training data never uses
   (:func:`make_sample` refuses them unless ``allow_held_out=True``, for evaluation data).
@@ -168,14 +169,16 @@ PHRASING_FAMILIES = {
         "gc": ("objects?", "all objects"),
     },
     "synonym": None,  # the template sentences, the colour (and, for circle and diamond, the shape) named by a synonym
-    # word order: a leading phrase before the request, so that the task is not told by the first words alone
-    "fronted": {
-        "rec": ("In this image, where is the {p}?", "Given the picture, find the {p}.",
-                "On this image, show me the {p}."),
-        "res": ("In this image, segment the {p}.", "Given the picture, give the mask of the {p}."),
-        "reg": ("Given [{i}], what do you see?", "Regarding [{i}]: what object is this?"),
-        "gc": ("Given the picture, list every object and where it is.",
-               "For this image, describe it with object locations."),
+    # word order: a leading phrase before the request; every lead goes with every task (FRONTED_LEADS), so the task
+    # is told by the request, never by the first words
+    "fronted": None,  # built below from FRONTED_LEADS x FRONTED_REQUESTS, and FRONTED_BOX_LEADS for reg
+    # word order: the shape named first, its colour in an apposition ("Find the circle, the red one.")
+    "appositive": {
+        "rec": ("Find the {s}, the {c} one.", "Where is the {s}? The {c} one.", "Show me the {s}, the {c} one."),
+        "res": ("Segment the {s}, the {c} one.", "Give the mask of the {s}, the {c} one."),
+        "reg": ("The object in [{i}]: what is it?", "The region [{i}]: what does it show?"),
+        "gc": ("The objects in the image: name them with their locations.",
+               "The whole image: every object and its location."),
     },
     # held out (never in training data): word order, and statements instead of questions or commands
     "postposed": {
@@ -191,6 +194,26 @@ PHRASING_FAMILIES = {
         "gc": ("I would like a description of the image with object locations.",),
     },
 }
+FRONTED_LEADS = ("In this image,", "Given the picture,", "For this image,", "On this image,", "Now,", "Here,")
+FRONTED_REQUESTS = {
+    "rec": ("where is the {p}?", "find the {p}.", "show me the {p}.", "which object is the {p}?"),
+    "res": ("segment the {p}.", "give the mask of the {p}.", "outline the {p}."),
+    "reg": ("what is in [{i}]?", "what object is at [{i}]?", "name the object in [{i}]."),
+    "gc": ("list every object and where it is.", "describe it with object locations.",
+           "name the objects and mark where they are."),
+}
+# region captions may also lead with the box itself ("Given [0], what do you see?")
+FRONTED_BOX_LEADS = ("Given [{i}],", "Regarding [{i}]:", "About [{i}],")
+FRONTED_BOX_REQUESTS = ("what do you see?", "what object is this?", "what is it?", "name the object.")
+PHRASING_FAMILIES["fronted"] = {
+    task: tuple(f"{lead} {request}" for lead in FRONTED_LEADS for request in requests)
+    + (tuple(f"{lead} {request}" for lead in FRONTED_BOX_LEADS for request in FRONTED_BOX_REQUESTS)
+       if task == "reg" else ())
+    for task, requests in FRONTED_REQUESTS.items()
+}
+# families that reword the colour and shape words cannot word a relation ("left one of the two red shapes"): such
+# questions use the template family's sentences
+RELATION_AS_TEMPLATE = ("postposed", "synonym", "appositive")
 HELD_OUT_PHRASINGS = ("postposed", "indirect")
 TRAIN_PHRASINGS = tuple(f for f in PHRASING_FAMILIES if f not in HELD_OUT_PHRASINGS)
 _CASE_TRANSFORMS = {"lower": str.lower, "upper": str.upper}
@@ -222,13 +245,13 @@ def family_question(family: str, task: str, rng: np.random.Generator, color: str
                     shape: str | None = None, p: str | None = None, i: int = 0, index: int | None = None) -> str:
     """One question of `task` ("rec", "res", "reg", "gc") in phrasing `family`, its template drawn from `rng`
     (`index`: use that template of the `template` family instead). The referring phrase is `p` when given (a
-    relation: then `postposed` and `synonym`, which rewrite the colour and shape words, use the `template`
-    wording), else built from `color` and `shape`."""
+    relation: then the families of `RELATION_AS_TEMPLATE`, which rewrite the colour and shape words, use the
+    `template` wording), else built from `color` and `shape`."""
     if family not in PHRASING_FAMILIES:
         raise ValueError(f"unknown phrasing family {family!r}")
     transform = _CASE_TRANSFORMS.get(family)
     source = "template" if PHRASING_FAMILIES[family] is None else family
-    if p is not None and family in ("postposed", "synonym"):
+    if p is not None and family in RELATION_AS_TEMPLATE:
         source = "template"
     templates = PHRASING_FAMILIES[source][task]
     if source == "template" and index is not None:
@@ -661,7 +684,7 @@ def _phrasing_corpus() -> list[str]:
     nouns = [f"{c} shapes" for c in COLORS] + [_plural(s) for s in SHAPES]
     relations = [f"{side} one of the two {noun}" for side in ("left", "right") for noun in nouns]
     for family in TRAIN_PHRASINGS:
-        if family == "synonym":  # worded as the template (see family_question)
+        if family in RELATION_AS_TEMPLATE:  # worded as the template (see family_question)
             continue
         source = "template" if PHRASING_FAMILIES[family] is None else family
         transform = _CASE_TRANSFORMS.get(family, lambda text: text)

@@ -37,8 +37,8 @@ Opt-in (issue 24; the default queries, keys and figures above are unchanged):
   ``rec_acc@0.5_second_minus_first``.
 * ``relations`` (``--relations``): every object that an unambiguous relation names
   (:func:`nextchat.training.synthetic.relational_phrases`) is asked for by that relation, worded as a rec question:
-  "Where is the left one of the two red shapes?" (in the given families that can word a relation: not
-  ``postposed`` nor ``synonym``; the template wording when none can). Figure: ``rec_relation_acc@0.5``.
+  "Where is the left one of the two red shapes?" (in the given families that can word a relation: not those of
+  ``RELATION_AS_TEMPLATE``; the template wording when none can). Figure: ``rec_relation_acc@0.5``.
 * ``intervals`` (``--intervals``; on by default whenever an opt-in option is): ``ci95`` gives, per figure, a 95%
   interval: Wilson score intervals for proportions (Acc@0.5, exact match, recalls, precision, absent rates; gc
   figures pool the objects / predicted boxes), normal intervals (mean +- 1.96 sd / sqrt(n), clipped to the range)
@@ -63,6 +63,7 @@ from .synthetic import (
     GC_TEMPLATES,
     HELD_OUT_PHRASINGS,
     REC_TEMPLATES,
+    RELATION_AS_TEMPLATE,
     REG_TEMPLATES,
     RES_TEMPLATES,
     SHAPES,
@@ -205,7 +206,7 @@ def build_query_set(seeds, every_object: bool = False, phrasings=None, absent: b
                 del extra[-1]["phrasing"]
     if relations:
         # families that reword the colour and shape words cannot word a relation: the others, else the template
-        wording = tuple(f for f in families or () if f not in ("postposed", "synonym")) or None
+        wording = tuple(f for f in families or () if f not in RELATION_AS_TEMPLATE) or None
         for seed in seeds:
             image, objects = render_scene(seed, **(scene_kwargs or {}))
             rng = np.random.default_rng([seed, 7])
