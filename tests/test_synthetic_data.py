@@ -5,6 +5,7 @@ second-turn accuracy, 95% intervals). Checked against hand-written examples and 
 import hashlib
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -36,6 +37,8 @@ from nextchat.training.synthetic_eval import (
     wilson_interval,
 )
 from test_training import IMAGE, SCENE, TINY_SPEC  # the training tests' tiny model and scenes
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-nextchat-shapes")
 
 
 COLOR_WORDS = "red|green|blue|yellow|purple"
@@ -577,3 +580,36 @@ def test_evaluate_with_every_option_runs_the_real_inference_path():
         lo, hi = metrics["ci95"][key]
         assert 0.0 <= lo <= metrics[key] <= hi <= 1.0, key
     assert set(metrics["by_phrasing"]) == set(HELD_OUT_PHRASINGS)
+
+
+def test_eval_decodes_masks_for_segmentation_queries_only_and_boxes_do_not_depend_on_it():
+    from nextchat import NextChatForConditionalGeneration
+    from nextchat.processing import NextChatProcessor
+    from nextchat.training.synthetic_eval import _messages, run_queries
+
+    # the shipped model: it grounds, so rec, res and gc replies carry boxes
+    model = NextChatForConditionalGeneration.from_pretrained(SHIPPED).eval()
+    processor = NextChatProcessor.from_pretrained(SHIPPED)
+    queries = build_query_set(range(1_000_010, 1_000_012), every_object=True)
+    results = run_queries(model, processor, queries, batch_size=3)
+    boxed = masked = 0
+    for query, result in zip(queries, results):
+        # the reference: one query alone, SAM inputs given, straight through generate + post-processing
+        inputs = processor(images=[query["image"]], text=[processor.apply_chat_template(
+            _messages(query), add_generation_prompt=True)], boxes=[query["boxes"]] if query["boxes"] else None,
+            return_sam_pixel_values=True)
+        sizes = inputs.pop("image_sizes")
+        limit = 64 if query["task"] == "gc" else 16
+        output = model.generate(**inputs, max_new_tokens=limit, do_sample=False, return_dict_in_generate=True,
+                                pad_token_id=processor.tokenizer.pad_token_id or 0)
+        reference = processor.post_process_generation(output, image_sizes=sizes)[0]
+        assert result["text"] == reference["text"], query["task"]
+        assert len(result["entities"]) == len(reference["entities"])
+        for got, want in zip(result["entities"], reference["entities"]):
+            if want.get("box") is not None:
+                boxed += 1
+                assert torch.allclose(torch.as_tensor(got["box"]), torch.as_tensor(want["box"]), atol=1e-3)
+            # masks only where the task scores them
+            assert (got.get("mask") is not None) == (query["task"] == "res" and want.get("mask") is not None)
+            masked += got.get("mask") is not None
+    assert boxed > masked > 0

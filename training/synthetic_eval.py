@@ -254,7 +254,7 @@ def run_queries(model, processor, queries, batch_size: int = 48, max_new_tokens:
             inputs = processor(
                 images=[queries[i]["image"] for i in chunk], text=texts,
                 boxes=boxes if any(b is not None for b in boxes) else None,
-                padding_side="left", return_sam_pixel_values=use_sam,
+                padding_side="left", return_sam_pixel_values=use_sam and task == "res",  # only res scores masks
             )
             image_sizes = inputs.pop("image_sizes")
             inputs = {k: v.to(device) for k, v in inputs.items()}
