@@ -8,7 +8,7 @@
 #   interpreter, default python).
 #
 # Data (written by three processes in parallel): a warm-up section of lone objects (5k "where is X" samples),
-# then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the nine training phrasing families;
+# then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the ten training phrasing families;
 # 30% of rec/res turns ask about an absent object ("There is no purple circle."), 20% name their target by a
 # relation, half the conversations have two turns of different tasks; grounded captions list their objects by name;
 # and 10k segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
