@@ -29,7 +29,7 @@
 # Every stage runs as NPROC data-parallel CPU processes (torchrun, gloo, one thread each, bf16 where the CPU has
 # bf16 instructions) for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
 # run is the same run every time. Training takes 16 to 29 minutes on a 2-core CPU with bf16 instructions, depending
-# on the machine (about twice as long without them), and the two evaluations 5 to 12 more; timings in
+# on the machine (about twice as long without them), and the two evaluations about 2 more; timings in
 # docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
