@@ -127,6 +127,27 @@ COLOR_SYNONYMS = {
 }
 SHAPE_SYNONYMS = {"circle": ("disc",), "diamond": ("rhombus",)}
 
+# the `fronted` family: every lead with every task's requests, so that the first words never tell the task
+FRONTED_LEADS = ("In this image,", "Given the picture,", "For this image,", "On this image,", "Now,", "Here,")
+FRONTED_REQUESTS = {
+    "rec": ("where is the {p}?", "find the {p}.", "show me the {p}.", "which object is the {p}?"),
+    "res": ("segment the {p}.", "give the mask of the {p}.", "outline the {p}."),
+    "reg": ("what is in [{i}]?", "what object is at [{i}]?", "name the object in [{i}]."),
+    "gc": ("list every object and where it is.", "describe it with object locations.",
+           "name the objects and mark where they are."),
+}
+# region captions may also lead with the box itself ("Given [0], what do you see?")
+FRONTED_BOX_LEADS = ("Given [{i}],", "Regarding [{i}]:", "About [{i}],")
+FRONTED_BOX_REQUESTS = ("what do you see?", "what object is this?", "what is it?", "name the object.")
+
+
+def _fronted_templates(task: str) -> tuple[str, ...]:
+    templates = tuple(f"{lead} {request}" for lead in FRONTED_LEADS for request in FRONTED_REQUESTS[task])
+    if task == "reg":
+        templates += tuple(f"{lead} {request}" for lead in FRONTED_BOX_LEADS for request in FRONTED_BOX_REQUESTS)
+    return templates
+
+
 # per family and task, the question templates: `{p}` the referring phrase ("red circle"), `{c}` / `{s}` its colour
 # and shape, `{i}` a box index. `lower`, `upper` and `synonym` rewrite the `template` family's sentences.
 PHRASING_FAMILIES = {
@@ -169,9 +190,8 @@ PHRASING_FAMILIES = {
         "gc": ("objects?", "all objects"),
     },
     "synonym": None,  # the template sentences, the colour (and, for circle and diamond, the shape) named by a synonym
-    # word order: a leading phrase before the request; every lead goes with every task (FRONTED_LEADS), so the task
-    # is told by the request, never by the first words
-    "fronted": None,  # built below from FRONTED_LEADS x FRONTED_REQUESTS, and FRONTED_BOX_LEADS for reg
+    # word order: a leading phrase before the request, any lead with any task (_fronted_templates)
+    "fronted": {task: _fronted_templates(task) for task in ("rec", "res", "reg", "gc")},
     # word order: the shape named first, its colour in an apposition ("Find the circle, the red one.")
     "appositive": {
         "rec": ("Find the {s}, the {c} one.", "Where is the {s}? The {c} one.", "Show me the {s}, the {c} one."),
@@ -193,23 +213,6 @@ PHRASING_FAMILIES = {
         "reg": ("I wonder what is in [{i}].", "I would like to know what [{i}] is."),
         "gc": ("I would like a description of the image with object locations.",),
     },
-}
-FRONTED_LEADS = ("In this image,", "Given the picture,", "For this image,", "On this image,", "Now,", "Here,")
-FRONTED_REQUESTS = {
-    "rec": ("where is the {p}?", "find the {p}.", "show me the {p}.", "which object is the {p}?"),
-    "res": ("segment the {p}.", "give the mask of the {p}.", "outline the {p}."),
-    "reg": ("what is in [{i}]?", "what object is at [{i}]?", "name the object in [{i}]."),
-    "gc": ("list every object and where it is.", "describe it with object locations.",
-           "name the objects and mark where they are."),
-}
-# region captions may also lead with the box itself ("Given [0], what do you see?")
-FRONTED_BOX_LEADS = ("Given [{i}],", "Regarding [{i}]:", "About [{i}],")
-FRONTED_BOX_REQUESTS = ("what do you see?", "what object is this?", "what is it?", "name the object.")
-PHRASING_FAMILIES["fronted"] = {
-    task: tuple(f"{lead} {request}" for lead in FRONTED_LEADS for request in requests)
-    + (tuple(f"{lead} {request}" for lead in FRONTED_BOX_LEADS for request in FRONTED_BOX_REQUESTS)
-       if task == "reg" else ())
-    for task, requests in FRONTED_REQUESTS.items()
 }
 # families that reword the colour and shape words cannot word a relation ("left one of the two red shapes"): such
 # questions use the template family's sentences
