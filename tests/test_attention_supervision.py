@@ -241,8 +241,16 @@ def test_region_caption_queries_by_hand():
     assert queries.tolist() == [[0, 11], [0, 12], [0, 13], [1, 19], [1, 20]]
     assert slots.tolist() == [[0, 0]] * 3 + [[1, 2]] * 2
     torch.testing.assert_close(weights, torch.tensor([1 / 3] * 3 + [1 / 2] * 2))
+    # with the box token: each turn's user `<boxes>` (row A column 10, row B column 19) after them, at 1/2
+    queries, slots, weights = region_caption_queries(
+        inputs["input_ids"], inputs["labels"], inputs["box_inputs_mask"], TRIGGER, BOXES, box_token=True
+    )
+    assert queries.tolist() == [[0, 11], [0, 12], [0, 13], [1, 19], [1, 20], [0, 10], [1, 19]]
+    assert slots.tolist() == [[0, 0]] * 3 + [[1, 2]] * 2 + [[0, 0], [1, 2]]
+    torch.testing.assert_close(weights, torch.tensor([1 / 6] * 3 + [1 / 4] * 2 + [1 / 2] * 2))
     model = supervised(region_weight=1.0)
     assert count_loss_items(model, [inputs])["region_turns"] == 2
+    assert count_loss_items(supervised(region_weight=1.0, region_box_token=True), [inputs])["region_turns"] == 2
     assert count_loss_items(tiny_model(sam=False), [inputs])["region_turns"] == 0  # not supervised: not counted
 
 
@@ -265,6 +273,26 @@ def test_region_term_equals_reference(heads):
     reference = reference / len(turns)
     torch.testing.assert_close(out.region_attention_loss, reference)
     torch.testing.assert_close(out.loss, plain()(**inputs).loss + 0.5 * reference)
+
+
+def test_region_box_token_adds_the_user_box_at_half_the_turn():
+    """`region_box_token`: each turn is half the mean over its positions and half its user `<boxes>` position's own
+    `−log` mass on the box's patches, by hand."""
+    inputs = region_batch()
+    out = supervised(region_weight=1.0, region_heads=[3], region_box_token=True)(**inputs)
+    turns = [(0, [11, 12, 13], 10, [0]), (1, [19, 20], 19, [3])]
+    reference = 0.0
+    for row, columns, box_column, patches in turns:
+        patch_columns = [i for i, t in enumerate(inputs["input_ids"][row].tolist()) if t == IMAGE_PATCH]
+        attention = out.attentions[1][row][3]
+
+        def lost(column):
+            return -torch.log(sum(attention[column, patch_columns[p]] for p in patches) + 1e-6)
+
+        reference = reference + sum(lost(c) for c in columns) / len(columns) / 2 + lost(box_column) / 2
+    torch.testing.assert_close(out.region_attention_loss, reference / len(turns))
+    with pytest.raises(ValueError, match="region_box_token"):
+        AttentionSupervision(region_weight=1.0, region_box_token="yes")
 
 
 def test_both_terms_accumulate_exactly():

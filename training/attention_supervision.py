@@ -72,10 +72,13 @@ def assistant_turns(input_ids, labels, trigger_token_id):
     return labelled, starts, starts.long().cumsum(1)
 
 
-def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id):
+def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id, box_token_id, box_token=False):
     """The positions that predict the tokens of each region-caption turn — an assistant (labelled) turn without a
     labelled `<at>` whose preceding user turn gives exactly one `<boxes>` — as `(Q, 2)` (row, column), the
-    `(Q, 2)` (row, slot) of that box in `box_inputs`, and `(Q,)` weights that sum to 1 over each turn."""
+    `(Q, 2)` (row, slot) of that box in `box_inputs`, and `(Q,)` weights that sum to 1 over each turn.
+
+    With `box_token`, the user's `<boxes>` of each such turn is one more query (after all the others), weighted
+    1/2, and the turn's own positions share the other 1/2."""
     labelled, _, turn = assistant_turns(input_ids, labels, trigger_token_id)
     batch, length = input_ids.shape
     num_turns = int(turn.max()) + 2 if length else 2
@@ -91,6 +94,8 @@ def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id,
     ordinal = (input_ids == box_token_id).long().cumsum(1) - 1
     box_ordinal = torch.zeros_like(given_count)
     box_ordinal[rows[given], turn[given] + 1] = ordinal[given]
+    box_column = torch.zeros_like(given_count)
+    box_column[rows[given], turn[given] + 1] = torch.nonzero(given, as_tuple=True)[1]
     qualifies = (given_count == 1) & (grounds == 0)
     predicted = (labels != IGNORE_INDEX) & qualifies.gather(1, turn)  # label positions of qualifying turns
     predicted[:, 0] = False  # position 0 cannot be predicted
@@ -100,7 +105,14 @@ def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id,
     size.index_put_((q_rows, q_turns), torch.ones_like(q_turns), accumulate=True)
     weights = 1.0 / size[q_rows, q_turns].float()
     slots = slot_of_ordinal(box_inputs_mask)[q_rows, box_ordinal[q_rows, q_turns]]
-    return torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1), weights
+    queries, slots = torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1)
+    if box_token:
+        t_rows, t_turns = torch.nonzero(size, as_tuple=True)  # the turns that have positions, row-major
+        box_slots = slot_of_ordinal(box_inputs_mask)[t_rows, box_ordinal[t_rows, t_turns]]
+        queries = torch.cat([queries, torch.stack([t_rows, box_column[t_rows, t_turns]], 1)])
+        slots = torch.cat([slots, torch.stack([t_rows, box_slots], 1)])
+        weights = torch.cat([weights / 2, weights.new_full((len(t_rows),), 0.5)])
+    return queries, slots, weights
 
 
 def _answer_trigger_turns(input_ids, labels, trigger_positions, trigger_token_id):
@@ -172,6 +184,10 @@ class AttentionSupervision:
             with two or more `<at>`) to look at the union of its boxes, so that the caption's first words ("There
             are three objects:") can depend on what is in the image, whatever the question's wording (each such
             position counts like one more trigger).
+        region_box_token: the region term also asks the user's `<boxes>` of each region-caption turn (whose input
+            is the box's own embedding) to attend to that box's patches, half of the turn's weight: the heads can
+            learn to find a box by its position before an earlier layer has copied the box to the caption's
+            positions.
     """
 
     grounding_weight: float = 0.0
@@ -182,9 +198,10 @@ class AttentionSupervision:
     per_head: bool = False
     answer_start: bool = False
     caption_start: bool = False
+    region_box_token: bool = False
 
     def __post_init__(self):
-        for name in ("per_head", "answer_start", "caption_start"):
+        for name in ("per_head", "answer_start", "caption_start", "region_box_token"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name in ("grounding_weight", "region_weight"):
@@ -237,7 +254,7 @@ class AttentionSupervision:
         if not self.region_weight or box_inputs_mask is None or not bool(box_inputs_mask.any()):
             return {"region_turns": 0}
         _, _, weights = region_caption_queries(input_ids, labels, box_inputs_mask, config.trigger_token_id,
-                                               config.box_token_id)
+                                               config.box_token_id, self.region_box_token)
         return {"region_turns": round(float(weights.sum()))}
 
     # ---- forward hooks
@@ -276,7 +293,7 @@ class AttentionSupervision:
         region = None  # the region-caption queries, found once for both their count and their term
         if self.region_weight and box_inputs_mask is not None and bool(box_inputs_mask.any()):
             region = region_caption_queries(input_ids, labels, box_inputs_mask, config.trigger_token_id,
-                                            config.box_token_id)
+                                            config.box_token_id, self.region_box_token)
         local["region_turns"] = round(float(region[2].sum())) if region is not None else 0
         divisors = normalisers(local, num_items_in_batch)
         grid_size = math.isqrt(config.image_seq_length)
