@@ -219,11 +219,10 @@ def lm_loss(logits, labels, shift_labels, box_token_id) -> torch.Tensor:
     """Summed next-token cross-entropy; `<boxes>` targets are never predicted (the box embedding is fed there)."""
     if shift_labels is None:
         shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-    shift_labels = shift_labels.masked_fill(shift_labels == box_token_id, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    shift_labels = shift_labels.masked_fill(shift_labels == box_token_id, IGNORE_INDEX).to(logits.device)
+    # only the positions with a target: a softmax over the image patches and the prompt would be thrown away
+    targeted = shift_labels != IGNORE_INDEX
+    return F.cross_entropy(logits[targeted].float(), shift_labels[targeted], reduction="sum")
 
 
 def compute_losses(model, output, inputs: dict, answers, trigger_hidden, num_items_in_batch=None):
