@@ -21,8 +21,8 @@
 # training-only attention terms (not in the original; `attention_supervision` in training/configs/shapes_tiny.json):
 # in LLaMA's last layer, heads 0-2 of every answer trigger, of the position that starts a referring answer
 # (`answer_start`) and of the one that starts a grounded caption (`caption_start`) are asked to attend to their
-# object's patches (the caption start to all its objects'); head 3 of every region-caption token to the given box's
-# patches.
+# object's patches (the caption start to all its objects'); head 3 of every region-caption token, and of the user's
+# <boxes> token that gives the box (`region_box_token`), to the given box's patches.
 # Phase 2 (stage "sam", 150 steps of 2 x 16 at 1e-3, from the SAM stage via `model.sam_init`): seg_prompt_mlp and
 # SAM with everything else frozen, SAM prompted with the ground-truth box in training (generation uses the
 # predicted one).

@@ -85,8 +85,8 @@ def main(argv=None):
     if shipped:
         print("NOTE: a 2.2M-parameter model trained from scratch in 16-29 minutes on CPU: it boxes and segments "
               "the object a phrase names (99 times in 100, also when the question is worded in a way it never saw), "
-              "names the object in a given box (99 in 100), finds 92 objects in 100 when it describes a scene in "
-              "words it never saw (99.7 in the usual words), and answers without a box about an object that is not "
+              "names the object in a given box (99 in 100), finds 99 objects in 100 when it describes a scene (also "
+              "in words it never saw), and answers without a box about an object that is not "
               "there (98 in 100); scores and limits in examples/tiny-nextchat-shapes/README.md.")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
