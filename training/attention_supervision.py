@@ -8,7 +8,8 @@ from scratch learn where to look.
   `caption_start`, the position that starts a grounded caption is asked to attend to the union of its boxes.
 * region term: every position that predicts a token of a region-caption turn (an assistant turn without a
   labelled `<at>`, after a user turn that gives exactly one box) is asked, like a trigger, to attend to that box's
-  patches; each turn counts once (its positions averaged; the term is the mean over such turns).
+  patches; each turn counts once (its positions averaged; the term is the mean over such turns). With
+  `region_box_token`, the user's `<boxes>` token that gives the box is asked too, as half of its turn.
 
 They are a training objective wrapped around the model, not part of it: :meth:`AttentionSupervision.attach`
 switches the language model to eager attention (the only one that returns attention probabilities) and adds the
