@@ -1,0 +1,100 @@
+"""Seconds per training step of the shapes recipe's phase 1 (`training/configs/shapes_tiny.json`: the tiny model
+from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on), one process, one thread,
+on the same pre-drawn batches, against two baselines measured in the same run:
+
+* `all positions`: the same step with the language-model loss taken over every position (image patches and prompt
+  included), as `lm_loss` did before it kept only the positions that have a target;
+* `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
+  no box heads, no attention terms), the floor of what a step of this size costs.
+
+    python benchmarks/bench_train_step.py                 # ~1 minute on a 2-core CPU
+    python benchmarks/bench_train_step.py --steps 10 --repeats 5
+
+Rounds alternate between the variants so that a busy machine slows them alike; the best round of each is printed.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+import nextchat.loss_nextchat as loss_nextchat
+from nextchat.training import synthetic
+from nextchat.training.train import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lm_loss_over_every_position(logits, labels, shift_labels, box_token_id):
+    if shift_labels is None:
+        shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    shift_labels = shift_labels.masked_fill(shift_labels == box_token_id, -100)
+    return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per variant")
+    args = parser.parse_args()
+
+    with open(os.path.join(ROOT, "training", "configs", "shapes_tiny.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        num = config["training_args"]["per_device_train_batch_size"] * (args.steps + 1)
+        # the scenes and wordings of `examples/train_shapes.sh`'s training section
+        synthetic.main([os.path.join(tmp, "data"), "--num", str(num), "--single-object-fraction", "0.2",
+                        "--caption-order", "name", "--min-turns", "1", "--max-turns", "2", "--mix-turn-tasks",
+                        "--phrasings", "train", "--absent-fraction", "0.3", "--relation-fraction", "0.2"])
+        config["data"] = {"train": os.path.join(tmp, "data", "data.jsonl"), "use_masks": False,
+                          "return_sam_pixel_values": False}
+        config["training_args"].update(max_steps=1, output_dir=os.path.join(tmp, "out"), dataloader_num_workers=0,
+                                       report_to="none")
+        config["output_model_dir"] = None
+        trainer, model, _ = run(config, root=os.path.join(ROOT, "training", "configs"))
+        batches = list(trainer.get_train_dataloader())[: args.steps + 1]
+    model.train()
+    llama = LlamaForCausalLM(model.config.text_config).train()
+    llama_optimizer = torch.optim.AdamW(llama.parameters(), lr=1e-4)
+    autocast = trainer.args.bf16
+
+    def nextchat_step(batch):
+        trainer.training_step(model, batch)
+
+    def llama_step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        loss.backward()
+        llama_optimizer.step()
+        llama_optimizer.zero_grad()
+
+    shipped_lm_loss = loss_nextchat.lm_loss
+    variants = {
+        "NExT-Chat step": (nextchat_step, shipped_lm_loss),
+        "all positions": (nextchat_step, lm_loss_over_every_position),
+        "plain LLaMA": (llama_step, shipped_lm_loss),
+    }
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(args.repeats):
+        for name, (step, lm_loss) in variants.items():
+            loss_nextchat.lm_loss = lm_loss
+            step(batches[0])  # warm-up
+            start = time.perf_counter()
+            for batch in batches[1:]:
+                step(batch)
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    loss_nextchat.lm_loss = shipped_lm_loss
+    tokens = batches[0]["input_ids"].shape
+    print(f"batch {tokens[0]} x {tokens[1]} tokens, bf16 autocast: {autocast}, {torch.get_num_threads()} thread(s)")
+    for name, seconds in best.items():
+        print(f"{name:>15}: {seconds:.3f} s/step  ({seconds / best['NExT-Chat step']:.2f} x NExT-Chat step)")
+
+
+if __name__ == "__main__":
+    main()
