@@ -105,11 +105,12 @@ def region_caption_queries(input_ids, labels, box_inputs_mask, trigger_token_id,
     size = torch.zeros_like(given_count)
     size.index_put_((q_rows, q_turns), torch.ones_like(q_turns), accumulate=True)
     weights = 1.0 / size[q_rows, q_turns].float()
-    slots = slot_of_ordinal(box_inputs_mask)[q_rows, box_ordinal[q_rows, q_turns]]
+    slot_table = slot_of_ordinal(box_inputs_mask)
+    slots = slot_table[q_rows, box_ordinal[q_rows, q_turns]]
     queries, slots = torch.stack([q_rows, q_cols - 1], 1), torch.stack([q_rows, slots], 1)
     if box_token:
         t_rows, t_turns = torch.nonzero(size, as_tuple=True)  # the turns that have positions, row-major
-        box_slots = slot_of_ordinal(box_inputs_mask)[t_rows, box_ordinal[t_rows, t_turns]]
+        box_slots = slot_table[t_rows, box_ordinal[t_rows, t_turns]]
         queries = torch.cat([queries, torch.stack([t_rows, box_column[t_rows, t_turns]], 1)])
         slots = torch.cat([slots, torch.stack([t_rows, box_slots], 1)])
         weights = torch.cat([weights / 2, weights.new_full((len(t_rows),), 0.5)])
