@@ -1,6 +1,7 @@
 """Stage 0 for SAM: training SAM alone on ground-truth boxes, and loading it into a model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,23 @@ def test_dataset_rows_are_the_scene_objects_in_the_sam_frame():
     assert batch["sam_pixel_values"].shape == (2, 3, 24, 24)
     assert batch["image_index"].tolist() == [0] * n0 + [1] * n1
     assert torch.equal(batch["mask_targets"][n0:], dataset[1]["mask_targets"])
+
+
+def test_sam_stage_freezes_only_the_prompt_encoders_no_box_reaches():
+    from nextchat.loss_nextchat import NextChatLossWeights
+    from nextchat.sam_nextchat import NextChatSamModel
+    from nextchat.training.vision_pretrain import freeze_unreached_parameters
+
+    torch.manual_seed(0)
+    model = BoxPromptedSam(NextChatSamModel({**SAM, "image_size": IMAGE}), 2, NextChatLossWeights(), {})
+    dataset = ShapesBoxMaskDataset([0, 1], processor().image_processor, height=IMAGE, width=IMAGE)
+    frozen = freeze_unreached_parameters(model, collate_box_masks([dataset[0], dataset[1]]))
+    # by hand: box prompts use the box-corner embeddings (2 and 3) only; the point labels' embeddings (0, 1), the
+    # padding point's and the mask-prompt encoder are never reached
+    expected = {name for name, _ in model.named_parameters()
+                if re.fullmatch(r"sam\.prompt_encoder\.(point_embeddings\.[01]|not_a_point_embed|mask_downscaling\.\d+)"
+                                r"\.(weight|bias)", name)}
+    assert len(expected) == 13 and set(frozen) == expected
 
 
 def test_box_mask_miou_equals_a_per_object_loop():

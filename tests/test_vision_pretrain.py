@@ -1,6 +1,8 @@
 """Stage 0 of the shapes recipe: per-patch pretraining of a from-scratch vision tower, and loading it into a model."""
 
+import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from nextchat.training.vision_pretrain import (
     PatchClassifier,
     ShapesPatchDataset,
     build_vision_tower,
+    freeze_unreached_parameters,
     main,
     patch_boxes,
     patch_labels,
@@ -117,6 +120,37 @@ def test_box_loss_is_the_mean_l1_over_object_patches():
     without_boxes.head.load_state_dict(classifier.head.state_dict())
     class_loss = without_boxes(pixel_values, labels)["loss"]
     assert out["loss"].item() == pytest.approx(class_loss.item() + 2.0 * sum(l1) / 3, rel=1e-5)
+
+
+def test_freezing_the_unreached_parameters_leaves_training_unchanged():
+    from transformers import default_data_collator
+
+    torch.manual_seed(0)
+    classifier = PatchClassifier(fresh_tower(IMAGE), BACKGROUND + 1, feature_layer=-2, box_loss_weight=1.0)
+    reference = copy.deepcopy(classifier)
+    processor = build_shapes_processor(image_size=IMAGE, patch_size=8, sam_image_size=None)
+    dataset = ShapesPatchDataset(range(4), processor.image_processor, 8, height=IMAGE, width=IMAGE)
+    batch = default_data_collator([dataset[i] for i in range(4)])
+    rng = torch.random.get_rng_state()
+    frozen = freeze_unreached_parameters(classifier, batch)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    # by hand: SPEC's tower has 2 layers and the features are read after the first, so the second layer and the
+    # final norm are never reached
+    expected = {name for name, _ in classifier.named_parameters()
+                if re.search(r"encoder\.layers\.1\.|post_layernorm", name)}
+    assert expected and set(frozen) == expected
+    assert all(p.requires_grad == (name not in expected) for name, p in classifier.named_parameters())
+    assert all(p.grad is None for p in classifier.parameters())
+    # three AdamW steps with and without the freezing: the same weights, every one of them
+    for model in (classifier, reference):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(**batch)["loss"].backward()
+            optimizer.step()
+    for (name, a), (_, b) in zip(classifier.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(classifier.head.weight, PatchClassifier(fresh_tower(IMAGE), BACKGROUND + 1).head.weight)
 
 
 def test_pretrained_tower_learns_and_loads_into_a_model(tmp_path):

@@ -170,7 +170,7 @@ def main(argv=None):
 
     from .train import build_processor, leave_process_group, scratch_config
     from .trainer import NextChatTrainer
-    from .vision_pretrain import stage0_training_args
+    from .vision_pretrain import freeze_unreached_parameters, stage0_training_args
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.sam_pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,7 +208,9 @@ def main(argv=None):
                                  **scene)
     held_out = ShapesBoxMaskDataset(range(args.seed_start + args.num, args.seed_start + args.num + args.eval_num),
                                     processor.image_processor, **scene)
-    training_args = stage0_training_args(args, warmup_steps=20, remove_unused_columns=False)
+    freeze_unreached_parameters(model, collate_box_masks([train[0], train[1]]))
+    training_args = stage0_training_args(args, warmup_steps=20, remove_unused_columns=False,
+                                         ddp_find_unused_parameters=False)
     trainer = NextChatTrainer(model=model, args=training_args, train_dataset=train, data_collator=collate_box_masks)
     trainer.train()
     if trainer.is_world_process_zero():
