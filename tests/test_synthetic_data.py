@@ -331,6 +331,55 @@ def test_absent_questions_never_name_an_object_of_the_scene_and_are_answered_wit
     assert absent_attributes(objects, np.random.default_rng(0)) == ("purple", "circle")
 
 
+def test_conjunction_absent_questions_pair_a_present_colour_with_a_present_shape():
+    # by hand: a red circle and a blue square; the pairs with both attributes present are red square and blue circle
+    objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
+    drawn = {absent_attributes(objects, np.random.default_rng(s), conjunction=True) for s in range(200)}
+    assert drawn == {("red", "square"), ("blue", "circle")}
+    assert len({absent_attributes(objects, np.random.default_rng(s)) for s in range(200)}) > 2  # without it: more
+    # a lone object has no such pair: the hard pool as before (same draw as without `conjunction`)
+    lone = [{"color": "red", "shape": "circle"}]
+    for s in range(20):
+        assert absent_attributes(lone, np.random.default_rng(s), conjunction=True) == \
+            absent_attributes(lone, np.random.default_rng(s))
+    # in the samples: with fraction 1 every absent question whose scene has such a pair asks one, recomputed here
+    asked = with_pair = 0
+    for seed in range(200):
+        _, record = make_sample(seed, absent_fraction=1.0, absent_conjunction_fraction=1.0, tasks=("rec",),
+                                max_turns=1, phrasings="train")
+        objects = record["objects"]
+        for query in record["queries"]:
+            color, shape = query["absent"]
+            assert all((o["color"], o["shape"]) != (color, shape) for o in objects)
+            has_pair = any((a["color"], b["shape"]) not in {(o["color"], o["shape"]) for o in objects}
+                           for a in objects for b in objects)
+            if has_pair:
+                with_pair += 1
+                assert any(o["color"] == color for o in objects) and any(o["shape"] == shape for o in objects)
+            asked += 1
+    assert asked == 200 and with_pair > 100
+    # a fraction: in the scenes that have such a pair, that share of the questions plus the uniform draw's own
+    def conjunction_share(fraction):
+        kinds = []
+        for seed in range(400):
+            _, record = make_sample(seed, absent_fraction=1.0, absent_conjunction_fraction=fraction, tasks=("rec",),
+                                    max_turns=1)
+            objects, (color, shape) = record["objects"], record["queries"][0]["absent"]
+            present = {(o["color"], o["shape"]) for o in objects}
+            if any((a["color"], b["shape"]) not in present for a in objects for b in objects):
+                kinds.append(any(o["color"] == color for o in objects) and any(o["shape"] == shape for o in objects))
+        return np.mean(kinds)
+
+    base = conjunction_share(0.0)
+    assert base < 0.3
+    assert abs(conjunction_share(0.5) - (0.5 + 0.5 * base)) < 0.1
+    # 0 (the default) leaves the samples as they were
+    assert make_sample(7, absent_fraction=0.5, absent_conjunction_fraction=0.0)[1] == \
+        make_sample(7, absent_fraction=0.5)[1]
+    with pytest.raises(ValueError, match="absent_conjunction_fraction"):
+        make_sample(0, absent_fraction=0.3, absent_conjunction_fraction=1.5)
+
+
 def test_an_absent_only_record_encodes_for_training(tmp_path):
     from nextchat.training.data import encode_record
     from nextchat.training.synthetic import build_shapes_processor

@@ -37,6 +37,8 @@ Opt-in variations (issue 24; none of them changes the default output of any seed
   Answers always use the canonical words ("The red circle [0].").
 * ``absent_fraction``: that fraction of the rec/res turns asks about a colour/shape combination that is not in the
   scene, answered without a box: "There is no purple circle." (:func:`absent_attributes`).
+  ``absent_conjunction_fraction``: that fraction of those questions asks about a colour and a shape that are both in
+  the scene, on different objects, where the scene has such a pair (drawn among all hard pairs, about one in ten is).
 * ``relation_fraction``: that fraction of the rec/res turns refers to its target by relation when that is
   unambiguous: "Where is the left one of the two red shapes?" -> "The red circle [0]." (:func:`relational_phrases`).
 * ``mix_turn_tasks``: in a conversation of several turns (``max_turns`` > 1), each turn's task differs from the
@@ -272,14 +274,21 @@ def family_question(family: str, task: str, rng: np.random.Generator, color: str
     return transform(text) if transform else text
 
 
-def absent_attributes(objects: list[dict], rng: np.random.Generator, shapes=SHAPES) -> tuple[str, str]:
+def absent_attributes(objects: list[dict], rng: np.random.Generator, shapes=SHAPES,
+                      conjunction: bool = False) -> tuple[str, str]:
     """A (colour, shape) pair that no object of the scene has, drawn from `rng`: among the pairs that share the
-    colour or the shape of some object of the scene (a hard negative) when there is one, else among all."""
+    colour or the shape of some object of the scene (a hard negative) when there is one, else among all.
+
+    With `conjunction`, among the pairs whose colour AND shape are both in the scene, on different objects (a red
+    square asked about next to a red circle and a blue square) when there is one: only the binding of colour to
+    shape tells them from a present object."""
     shapes = tuple(shapes) + tuple(s for s in dict.fromkeys(o["shape"] for o in objects) if s not in shapes)
     present = {(o["color"], o["shape"]) for o in objects}
     candidates = [(c, s) for c in COLORS for s in shapes if (c, s) not in present]
     hard = [(c, s) for c, s in candidates if any(o["color"] == c or o["shape"] == s for o in objects)]
-    pool = hard or candidates
+    both = [(c, s) for c, s in hard
+            if any(o["color"] == c for o in objects) and any(o["shape"] == s for o in objects)]
+    pool = (both if conjunction else []) or hard or candidates
     return pool[int(rng.integers(len(pool)))]
 
 
@@ -486,13 +495,14 @@ def gc_answer(objects: list[dict], ref, rng: np.random.Generator, caption_order:
 def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, max_turns: int = 3,
                 task_weights: dict | None = None, caption_order: str = "random", phrasings=None,
                 allow_held_out: bool = False, absent_fraction: float = 0.0, relation_fraction: float = 0.0,
-                mix_turn_tasks: bool = False, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
+                mix_turn_tasks: bool = False, absent_conjunction_fraction: float = 0.0, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
     """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`.
     `caption_order`: how a grounded caption orders its objects (`gc_answer`).
 
     Opt-in (the defaults give the samples of earlier versions, byte for byte): `phrasings` (family names, see
     :func:`resolve_phrasings`; each question draws its family uniformly), `absent_fraction` (rec/res turns about an
-    absent object, answered "There is no purple circle." without a box), `relation_fraction` (rec/res turns whose
+    absent object, answered "There is no purple circle." without a box; `absent_conjunction_fraction` of them about a
+    colour and a shape both present on different objects, see :func:`absent_attributes`), `relation_fraction` (rec/res turns whose
     target is named by an unambiguous relation where the scene has one), `mix_turn_tasks` (consecutive turns never
     share a task). Their draws come from a separate stream (`default_rng([seed, 3])`), so the scene, the tasks
     and the targets stay those of the default sample (except with `mix_turn_tasks`, which redraws repeated tasks);
@@ -501,7 +511,8 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
     image, objects = render_scene(seed, **scene_kwargs)
     rng = np.random.default_rng([seed, 1])
     families = resolve_phrasings(phrasings, allow_held_out) if phrasings is not None else None
-    for name, value in (("absent_fraction", absent_fraction), ("relation_fraction", relation_fraction)):
+    for name, value in (("absent_fraction", absent_fraction), ("relation_fraction", relation_fraction),
+                        ("absent_conjunction_fraction", absent_conjunction_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
     extended = families is not None or absent_fraction > 0 or relation_fraction > 0
@@ -549,7 +560,8 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
                 answer = f"The {phrase(objects[k])} {ref(k)}."
                 queries.append({"task": task, "object": k})
             elif absent_fraction > 0 and prng.random() < absent_fraction:
-                color, shape = absent_attributes(objects, prng, scene_shapes)
+                conjunction = absent_conjunction_fraction > 0 and prng.random() < absent_conjunction_fraction
+                color, shape = absent_attributes(objects, prng, scene_shapes, conjunction=conjunction)
                 question = family_question(family, task, prng, color, shape, index=index)
                 answer = absent_answer(color, shape)
                 targeted.discard(k)
@@ -769,6 +781,9 @@ def main(argv=None):
     parser.add_argument("--absent-fraction", type=float, default=0.0,
                         help="fraction of rec/res turns about an object that is not in the scene, answered without a "
                              "box ('There is no purple circle.')")
+    parser.add_argument("--absent-conjunction-fraction", type=float, default=0.0,
+                        help="fraction of the absent-object questions about a colour and a shape that are both in the "
+                             "scene, on different objects ('the red square' next to a red circle and a blue square)")
     parser.add_argument("--relation-fraction", type=float, default=0.0,
                         help="fraction of rec/res turns that name their target by an unambiguous relation where the "
                              "scene has one ('the left one of the two red shapes')")
@@ -780,7 +795,7 @@ def main(argv=None):
             resolve_phrasings(args.phrasings, args.allow_held_out)
         except ValueError as error:
             parser.error(f"--phrasings: {error}")
-    for name in ("absent_fraction", "relation_fraction"):
+    for name in ("absent_fraction", "relation_fraction", "absent_conjunction_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     unknown = set(args.tasks.split(",")) - set(TASKS)
@@ -814,6 +829,8 @@ def variation_kwargs(args) -> dict:
         out.update(phrasings=args.phrasings, allow_held_out=args.allow_held_out)
     if args.absent_fraction:
         out["absent_fraction"] = args.absent_fraction
+    if args.absent_conjunction_fraction:
+        out["absent_conjunction_fraction"] = args.absent_conjunction_fraction
     if args.relation_fraction:
         out["relation_fraction"] = args.relation_fraction
     if args.mix_turn_tasks:
