@@ -199,7 +199,7 @@ def freeze_unreached_parameters(model: nn.Module, batch: dict) -> list[str]:
 
     A stage-0 model computes parts whose output no loss reads (the tower's layers past the feature layer and its
     final norm; SAM's point and mask prompt encoders). With those frozen, DDP runs with
-    `find_unused_parameters=False` and skips its search of the autograd graph at every step (a sixth of a stage-0
+    `find_unused_parameters=False` and skips its search of the autograd graph at every step (about a tenth of a stage-0
     step on a 2-core CPU); the training is the same, since those parameters never had a gradient. The probe's
     forward and backward leave the random state as it was and every gradient unset."""
     model.zero_grad(set_to_none=True)
