@@ -495,18 +495,20 @@ def gc_answer(objects: list[dict], ref, rng: np.random.Generator, caption_order:
 def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, max_turns: int = 3,
                 task_weights: dict | None = None, caption_order: str = "random", phrasings=None,
                 allow_held_out: bool = False, absent_fraction: float = 0.0, relation_fraction: float = 0.0,
-                mix_turn_tasks: bool = False, absent_conjunction_fraction: float = 0.0, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
+                mix_turn_tasks: bool = False, absent_conjunction_fraction: float = 0.0,
+                **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
     """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`.
     `caption_order`: how a grounded caption orders its objects (`gc_answer`).
 
     Opt-in (the defaults give the samples of earlier versions, byte for byte): `phrasings` (family names, see
     :func:`resolve_phrasings`; each question draws its family uniformly), `absent_fraction` (rec/res turns about an
     absent object, answered "There is no purple circle." without a box; `absent_conjunction_fraction` of them about a
-    colour and a shape both present on different objects, see :func:`absent_attributes`), `relation_fraction` (rec/res turns whose
-    target is named by an unambiguous relation where the scene has one), `mix_turn_tasks` (consecutive turns never
-    share a task). Their draws come from a separate stream (`default_rng([seed, 3])`), so the scene, the tasks
-    and the targets stay those of the default sample (except with `mix_turn_tasks`, which redraws repeated tasks);
-    `phrasings=["template"]` alone gives the default conversations (the queries then also record their family).
+    colour and a shape both present on different objects, see :func:`absent_attributes`), `relation_fraction`
+    (rec/res turns whose target is named by an unambiguous relation where the scene has one), `mix_turn_tasks`
+    (consecutive turns never share a task). Their draws come from a separate stream (`default_rng([seed, 3])`), so
+    the scene, the tasks and the targets stay those of the default sample (except with `mix_turn_tasks`, which
+    redraws repeated tasks); `phrasings=["template"]` alone gives the default conversations (the queries then also
+    record their family).
     Held-out families (:data:`HELD_OUT_PHRASINGS`) raise unless `allow_held_out` (evaluation data only)."""
     image, objects = render_scene(seed, **scene_kwargs)
     rng = np.random.default_rng([seed, 1])
