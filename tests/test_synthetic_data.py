@@ -378,6 +378,20 @@ def test_conjunction_absent_questions_pair_a_present_colour_with_a_present_shape
         make_sample(7, absent_fraction=0.5)[1]
     with pytest.raises(ValueError, match="absent_conjunction_fraction"):
         make_sample(0, absent_fraction=0.3, absent_conjunction_fraction=1.5)
+    with pytest.raises(ValueError, match="needs `absent_fraction` > 0"):
+        make_sample(0, absent_conjunction_fraction=0.5)
+
+
+def test_conjunction_option_on_the_command_line(tmp_path, capsys):
+    synthetic_main([str(tmp_path / "a"), "--num", "6", "--tasks", "rec", "--max-turns", "1", "--absent-fraction", "1",
+                    "--absent-conjunction-fraction", "1"])
+    records = [json.loads(line) for line in open(tmp_path / "a" / "data.jsonl")]
+    for record in records:
+        assert record == {**make_sample(record["seed"], tasks=("rec",), max_turns=1, absent_fraction=1.0,
+                                        absent_conjunction_fraction=1.0)[1], "image": record["image"]}
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "b"), "--absent-conjunction-fraction", "0.5"])
+    assert "needs --absent-fraction > 0" in capsys.readouterr().err
 
 
 def test_an_absent_only_record_encodes_for_training(tmp_path):

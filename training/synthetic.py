@@ -517,6 +517,9 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
                         ("absent_conjunction_fraction", absent_conjunction_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
+    if absent_conjunction_fraction > 0 and not absent_fraction > 0:
+        raise ValueError("`absent_conjunction_fraction` is a share of the absent-object questions: it needs "
+                         f"`absent_fraction` > 0, got {absent_fraction!r}")
     extended = families is not None or absent_fraction > 0 or relation_fraction > 0
     prng = np.random.default_rng([seed, 3])  # the opt-in draws only
     weights = np.array([(task_weights or {}).get(t, 1.0) for t in tasks], dtype=np.float64)
@@ -800,6 +803,9 @@ def main(argv=None):
     for name in ("absent_fraction", "relation_fraction", "absent_conjunction_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.absent_conjunction_fraction and not args.absent_fraction:
+        parser.error("--absent-conjunction-fraction is a share of the absent-object questions: it needs "
+                     "--absent-fraction > 0")
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {TASKS}")
