@@ -286,9 +286,10 @@ def absent_attributes(objects: list[dict], rng: np.random.Generator, shapes=SHAP
     present = {(o["color"], o["shape"]) for o in objects}
     candidates = [(c, s) for c in COLORS for s in shapes if (c, s) not in present]
     hard = [(c, s) for c, s in candidates if any(o["color"] == c or o["shape"] == s for o in objects)]
-    both = [(c, s) for c, s in hard
-            if any(o["color"] == c for o in objects) and any(o["shape"] == s for o in objects)]
-    pool = (both if conjunction else []) or hard or candidates
+    pool = hard or candidates
+    if conjunction:
+        colors, shapes_present = {o["color"] for o in objects}, {o["shape"] for o in objects}
+        pool = [(c, s) for c, s in hard if c in colors and s in shapes_present] or pool
     return pool[int(rng.integers(len(pool)))]
 
 
