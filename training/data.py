@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import PIL.Image
 import torch
 
+
+# a box reference of the processor's text syntax, "[0]" or "[0, 2]" (its indices inside the brackets)
+_REFERENCE = re.compile(r"\[(\s*\d+(?:\s*,\s*\d+)*\s*,?\s*)\]")
 
 MODEL_INPUT_KEYS = (
     "input_ids",
@@ -86,6 +90,37 @@ class NextChatJsonlDataset(torch.utils.data.Dataset):
             record["image"] = os.path.join(self._root_dirs[self.roots[index]], image)
         return record
 
+    def text_lengths(self) -> list[int]:
+        """An estimate of each sample's token count that loads no image and renders no template: its messages'
+        contents tokenized in one batched call, each box reference counted as its `<at> <boxes>` pairs and each
+        `<image>` as its image block. It differs from the length `__getitem__` returns by about the same number of
+        tokens for every sample (the chat template's role tags), enough to group samples of like length
+        (:func:`length_grouped_order`)."""
+        records = [json.loads(line)["conversations"] for line in self.lines]
+        contents, extra = [], []
+        for messages in records:
+            for message in messages:
+                text = message["content"]
+                references = sum(len(found.split(",")) for found in _REFERENCE.findall(text))
+                images = text.count("<image>")
+                contents.append(_REFERENCE.sub(" ", text).replace("<image>", " "))
+                extra.append(2 * references + images * (self.processor.image_seq_length + 2))
+        tokenizer = self.processor.tokenizer
+        tokens = tokenizer(contents, add_special_tokens=False)["input_ids"] if contents else []
+        # what the chat template adds per message (role tags, end of turn), measured once on a one-pair and a
+        # two-pair conversation of one-word contents
+        pair = [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "yes"}]
+        one, two = (len(tokenizer(self.processor.apply_chat_template(c), add_special_tokens=False)["input_ids"])
+                    for c in (pair, pair + pair))
+        per_message = (two - one) / 2 - len(tokenizer(["yes"], add_special_tokens=False)["input_ids"][0])
+        lengths, position = [], 0
+        for messages in records:
+            end = position + len(messages)
+            content = sum(len(tokens[i]) + extra[i] for i in range(position, end))
+            lengths.append(round(content + per_message * len(messages)))
+            position = end
+        return lengths
+
     def __getitem__(self, index: int) -> dict:
         record = self.record(index)
         return encode_record(
@@ -124,6 +159,31 @@ def encode_record(record: dict, processor, use_masks=True, return_sam_pixel_valu
         else:
             sample[key] = value[0]
     return sample
+
+
+def length_grouped_order(lengths: Sequence[int], group_size: int, window: int, seed: int = 0) -> list[int]:
+    """A reading order of the samples that puts samples of like length in the same batch, yet keeps the file's
+    order (a curriculum: warm-up sections first) at the scale of `window` groups.
+
+    The samples are cut, in file order, into windows of `window * group_size`; inside each window they are sorted by
+    `lengths` (ties in file order) and cut into groups of `group_size` consecutive samples (one step's samples over
+    all processes: `per_device_train_batch_size * world_size`), and the groups of the window are shuffled with
+    `seed`. Read sequentially, each batch then pads to the length of samples like its own instead of its longest
+    sample's. Returns a permutation of `range(len(lengths))`."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"`group_size` must be a positive integer, got {group_size!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"`window` must be a positive integer (groups per window), got {window!r}")
+    rng = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    span = window * group_size
+    for start in range(0, len(lengths), span):
+        indices = sorted(range(start, min(start + span, len(lengths))), key=lambda i: (lengths[i], i))
+        groups = [indices[i : i + group_size] for i in range(0, len(indices), group_size)]
+        full = len(indices) // group_size  # a last, partial group stays last: every batch after it stays aligned
+        for g in torch.randperm(full, generator=rng).tolist() + list(range(full, len(groups))):
+            order.extend(groups[g])
+    return order
 
 
 class NextChatDataCollator:
@@ -212,4 +272,4 @@ class NextChatDataCollator:
         return batch
 
 
-__all__ = ["MODEL_INPUT_KEYS", "NextChatDataCollator", "NextChatJsonlDataset", "encode_record"]
+__all__ = ["MODEL_INPUT_KEYS", "NextChatDataCollator", "NextChatJsonlDataset", "encode_record", "length_grouped_order"]

@@ -32,7 +32,10 @@ Config keys (see `training/configs/*.json` for complete examples):
     "synthetic": {"out_dir": "...", "seed_start": 0, "num": 20000, ...},   # optional: write the shapes data first
                                                  # (a list of such sections = their files in that order; with
                                                  # training_args.train_sampling_strategy "sequential", a curriculum)
-    "max_length": null, "use_masks": true, "system_prompt": null
+    "max_length": null, "use_masks": true, "system_prompt": null,
+    "length_grouping_window": 20                 # optional: batch samples of like length together, the file's
+                                                 # order kept at the scale of 20 steps (length_grouped_order;
+                                                 # needs train_sampling_strategy "sequential")
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the hardware computes it natively},
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
@@ -213,7 +216,7 @@ def build_training_args(spec: dict, root: str):
 
 def run(config: dict, root: str = "."):
     """Train as `config` says. Returns `(trainer, model, processor)`."""
-    from .data import NextChatDataCollator, NextChatJsonlDataset
+    from .data import NextChatDataCollator, NextChatJsonlDataset, length_grouped_order
     from .attention_supervision import AttentionSupervision
     from .presets import apply_lora, apply_stage_preset
     from .trainer import NextChatTrainer
@@ -267,6 +270,20 @@ def run(config: dict, root: str = "."):
         eval_dataset = NextChatJsonlDataset(_resolve(data_spec["eval"], root), processor, **common)
 
     args = build_training_args(config.get("training_args", {}), root)
+    window = data_spec.get("length_grouping_window")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"config: `data.length_grouping_window` must be a positive integer (steps), got {window!r}"
+            )
+        if args.train_sampling_strategy != "sequential":
+            raise ValueError(
+                "config: `data.length_grouping_window` writes the order the samples are read in; it needs "
+                f"`training_args.train_sampling_strategy` 'sequential', got {args.train_sampling_strategy!r}"
+            )
+        group = args.per_device_train_batch_size * args.world_size
+        order = length_grouped_order(train_dataset.text_lengths(), group, window, seed=args.seed)
+        train_dataset = torch.utils.data.Subset(train_dataset, order)
     from .finetune import SaveProcessorCallback
 
     callbacks = [SaveProcessorCallback(processor)]  # every checkpoint-N/ loads with one argument
