@@ -1,9 +1,11 @@
 """Seconds per training step of the shapes recipe's phase 1 (`training/configs/shapes_tiny.json`: the tiny model
 from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on), one process, one thread,
-on the same pre-drawn batches, against two baselines measured in the same run:
+on the same pre-drawn batches, against baselines and variants measured in the same run:
 
 * `all positions`: the same step with the language-model loss taken over every position (image patches and prompt
   included), as `lm_loss` did before it kept only the positions that have a target;
+* `length-grouped`: the same step on the same samples, batched by length (`length_grouped_order`, as
+  `data.length_grouping_window` reads them) instead of in file order;
 * `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
   no box heads, no attention terms), the floor of what a step of this size costs.
 
@@ -25,6 +27,7 @@ from transformers import LlamaForCausalLM
 
 import nextchat.loss_nextchat as loss_nextchat
 from nextchat.training import synthetic
+from nextchat.training.data import length_grouped_order
 from nextchat.training.train import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +61,12 @@ def main():
         config["output_model_dir"] = None
         trainer, model, _ = run(config, root=os.path.join(ROOT, "training", "configs"))
         batches = list(trainer.get_train_dataloader())[: args.steps + 1]
+        # the timed batches' samples again, in batches of like length (`data.length_grouping_window`)
+        size = config["training_args"]["per_device_train_batch_size"]
+        samples = [trainer.train_dataset[i] for i in range(size, size * (args.steps + 1))]
+        order = length_grouped_order([len(s["input_ids"]) for s in samples], size, args.steps)
+        grouped = [trainer.data_collator([samples[i] for i in order[k : k + size]])
+                   for k in range(0, len(order), size)]
     model.train()
     llama = LlamaForCausalLM(model.config.text_config).train()
     llama_optimizer = torch.optim.AdamW(llama.parameters(), lr=1e-4)
@@ -76,22 +85,26 @@ def main():
 
     shipped_lm_loss = loss_nextchat.lm_loss
     variants = {
-        "NExT-Chat step": (nextchat_step, shipped_lm_loss),
-        "all positions": (nextchat_step, lm_loss_over_every_position),
-        "plain LLaMA": (llama_step, shipped_lm_loss),
+        "NExT-Chat step": (nextchat_step, shipped_lm_loss, batches[1:]),
+        "all positions": (nextchat_step, lm_loss_over_every_position, batches[1:]),
+        "length-grouped": (nextchat_step, shipped_lm_loss, grouped),
+        "plain LLaMA": (llama_step, shipped_lm_loss, batches[1:]),
     }
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(args.repeats):
-        for name, (step, lm_loss) in variants.items():
+        for name, (step, lm_loss, timed) in variants.items():
             loss_nextchat.lm_loss = lm_loss
             step(batches[0])  # warm-up
             start = time.perf_counter()
-            for batch in batches[1:]:
+            for batch in timed:
                 step(batch)
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
     loss_nextchat.lm_loss = shipped_lm_loss
     tokens = batches[0]["input_ids"].shape
     print(f"batch {tokens[0]} x {tokens[1]} tokens, bf16 autocast: {autocast}, {torch.get_num_threads()} thread(s)")
+    width = [sum(b["input_ids"].numel() for b in timed) / args.steps for timed in (batches[1:], grouped)]
+    real = sum(int(b["attention_mask"].sum()) for b in batches[1:]) / args.steps
+    print(f"tokens per timed step: {real:.0f} real; padded to {width[0]:.0f} in file order, {width[1]:.0f} grouped")
     for name, seconds in best.items():
         print(f"{name:>15}: {seconds:.3f} s/step  ({seconds / best['NExT-Chat step']:.2f} x NExT-Chat step)")
 
