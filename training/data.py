@@ -97,13 +97,14 @@ class NextChatJsonlDataset(torch.utils.data.Dataset):
         tokens for every sample (the chat template's role tags), enough to group samples of like length
         (:func:`length_grouped_order`)."""
         records = [json.loads(line)["conversations"] for line in self.lines]
+        placeholder = self.processor.image_placeholder
         contents, extra = [], []
         for messages in records:
             for message in messages:
                 text = message["content"]
                 references = sum(len(found.split(",")) for found in _REFERENCE.findall(text))
-                images = text.count("<image>")
-                contents.append(_REFERENCE.sub(" ", text).replace("<image>", " "))
+                images = text.count(placeholder)
+                contents.append(_REFERENCE.sub(" ", text).replace(placeholder, " "))
                 extra.append(2 * references + images * (self.processor.image_seq_length + 2))
         tokenizer = self.processor.tokenizer
         tokens = tokenizer(contents, add_special_tokens=False)["input_ids"] if contents else []
