@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 
 import PIL.Image
 import torch
 
+from ..processing.text_nextchat import REF_RE
 
-# a box reference of the processor's text syntax, "[0]" or "[0, 2]" (its indices inside the brackets)
-_REFERENCE = re.compile(r"\[(\s*\d+(?:\s*,\s*\d+)*\s*,?\s*)\]")
 
 MODEL_INPUT_KEYS = (
     "input_ids",
@@ -102,9 +100,9 @@ class NextChatJsonlDataset(torch.utils.data.Dataset):
         for messages in records:
             for message in messages:
                 text = message["content"]
-                references = sum(len(found.split(",")) for found in _REFERENCE.findall(text))
+                references = sum(len(found.split(",")) for found in REF_RE.findall(text))
                 images = text.count(placeholder)
-                contents.append(_REFERENCE.sub(" ", text).replace(placeholder, " "))
+                contents.append(REF_RE.sub(" ", text).replace(placeholder, " "))
                 extra.append(2 * references + images * (self.processor.image_seq_length + 2))
         tokenizer = self.processor.tokenizer
         tokens = tokenizer(contents, add_special_tokens=False)["input_ids"] if contents else []
