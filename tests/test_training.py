@@ -14,7 +14,13 @@ import torch
 
 from nextchat import NextChatForConditionalGeneration
 from nextchat.processing import masks_to_sam_frame, rle_decode
-from nextchat.training.data import NextChatDataCollator, NextChatJsonlDataset, encode_record, length_grouped_order
+from nextchat.training.data import (
+    CachedDataset,
+    NextChatDataCollator,
+    NextChatJsonlDataset,
+    encode_record,
+    length_grouped_order,
+)
 from nextchat.training.presets import (
     LM_REGEX,
     apply_lora,
@@ -853,3 +859,68 @@ def test_length_grouping_window_through_the_entry_point(tmp_path):
     with pytest.raises(ValueError, match="train_sampling_strategy"):
         run({**config, "training_args": {**config["training_args"], "train_sampling_strategy": "random"}},
             root=str(tmp_path))
+
+
+def test_cached_dataset_serves_later_reads_from_memory(processor, tmp_path):
+    """`CachedDataset`: the first read prepares a sample, later reads return the same tensors without the image
+    file (deleted here, so that a read that touched it would fail)."""
+    import shutil
+
+    write_dataset(str(tmp_path), range(6), **SCENE)
+    plain = NextChatJsonlDataset(str(tmp_path / "data.jsonl"), processor)
+    expected = [plain[i] for i in range(6)]
+    cached = CachedDataset(NextChatJsonlDataset(str(tmp_path / "data.jsonl"), processor))
+    assert len(cached) == 6
+    first = [cached[i] for i in range(6)]
+    shutil.rmtree(tmp_path / "images")
+    with pytest.raises(FileNotFoundError):
+        plain[0]
+    for i in range(6):
+        again = cached[i]
+        assert again.keys() == expected[i].keys()
+        for key, value in expected[i].items():
+            assert torch.equal(again[key], value), (i, key)
+            assert torch.equal(first[i][key], value), (i, key)
+
+
+def test_cache_samples_gives_the_same_weights_over_several_epochs(tmp_path):
+    """`data.cache_samples`: three epochs read from memory after the first, in the main process or in a persistent
+    dataloader worker, end with bit-identical losses and weights to the run that prepares every sample each time."""
+    from nextchat.training.train import run
+
+    config = {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
+                  "scratch": TINY_SPEC, "seed": 0},
+        "stage": "full",
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 8, **SCENE}},
+        "training_args": {"per_device_train_batch_size": 4, "max_steps": 6, "learning_rate": 5e-3,
+                          "lr_scheduler_type": "cosine", "warmup_steps": 1, "logging_steps": 1,
+                          "save_strategy": "no", "dataloader_num_workers": 1, "seed": 3, "disable_tqdm": True,
+                          "use_cpu": True, "report_to": "none"},
+    }
+    variants = {
+        "plain": ({}, {}),
+        "worker": ({"cache_samples": True}, {"dataloader_persistent_workers": True}),
+        "main": ({"cache_samples": True}, {"dataloader_num_workers": 0}),
+    }
+    results = {}
+    for name, (data, args) in variants.items():
+        trainer, model, _ = run({**config, "data": {**config["data"], **data},
+                                 "training_args": {**config["training_args"], **args, "output_dir": name}},
+                                root=str(tmp_path))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        results[name] = (losses, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if name == "main":  # the main process read every sample, and kept each one
+            assert isinstance(trainer.train_dataset, CachedDataset) and len(trainer.train_dataset._kept) == 8
+    losses, state = results["plain"]
+    assert len(losses) == 6 and losses[0] != losses[-1]
+    for name in ("worker", "main"):
+        assert results[name][0] == losses, name
+        for key, value in state.items():
+            assert torch.equal(results[name][1][key], value), (name, key)
+    with pytest.raises(ValueError, match="dataloader_persistent_workers"):
+        run({**config, "data": {**config["data"], "cache_samples": True},
+             "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))
+    with pytest.raises(ValueError, match="cache_samples"):
+        run({**config, "data": {**config["data"], "cache_samples": "yes"},
+             "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))

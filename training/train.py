@@ -36,6 +36,9 @@ Config keys (see `training/configs/*.json` for complete examples):
     "length_grouping_window": 20                 # optional: batch samples of like length together, the file's
                                                  # order kept at the scale of 20 steps (length_grouped_order;
                                                  # needs train_sampling_strategy "sequential")
+    "cache_samples": true                        # optional: keep each prepared sample in memory for later epochs
+                                                 # (CachedDataset; the same tensors, so the same weights; with
+                                                 # dataloader workers, needs dataloader_persistent_workers)
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the hardware computes it natively},
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
@@ -216,7 +219,7 @@ def build_training_args(spec: dict, root: str):
 
 def run(config: dict, root: str = "."):
     """Train as `config` says. Returns `(trainer, model, processor)`."""
-    from .data import NextChatDataCollator, NextChatJsonlDataset, length_grouped_order
+    from .data import CachedDataset, NextChatDataCollator, NextChatJsonlDataset, length_grouped_order
     from .attention_supervision import AttentionSupervision
     from .presets import apply_lora, apply_stage_preset
     from .trainer import NextChatTrainer
@@ -270,6 +273,17 @@ def run(config: dict, root: str = "."):
         eval_dataset = NextChatJsonlDataset(_resolve(data_spec["eval"], root), processor, **common)
 
     args = build_training_args(config.get("training_args", {}), root)
+    cache = data_spec.get("cache_samples", False)
+    if not isinstance(cache, bool):
+        raise ValueError(f"config: `data.cache_samples` must be true or false, got {cache!r}")
+    if cache:
+        if args.dataloader_num_workers > 0 and not args.dataloader_persistent_workers:
+            raise ValueError(
+                "config: `data.cache_samples` keeps the samples in the DataLoader workers, which are started anew "
+                "at every epoch: set `training_args.dataloader_persistent_workers` to true, or "
+                "`training_args.dataloader_num_workers` to 0"
+            )
+        train_dataset = CachedDataset(train_dataset)
     window = data_spec.get("length_grouping_window")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -282,7 +296,8 @@ def run(config: dict, root: str = "."):
                 f"`training_args.train_sampling_strategy` 'sequential', got {args.train_sampling_strategy!r}"
             )
         group = args.per_device_train_batch_size * args.world_size
-        order = length_grouped_order(train_dataset.text_lengths(), group, window, seed=args.seed)
+        lengths = (train_dataset.dataset if cache else train_dataset).text_lengths()
+        order = length_grouped_order(lengths, group, window, seed=args.seed)
         train_dataset = torch.utils.data.Subset(train_dataset, order)
     from .finetune import SaveProcessorCallback
 
