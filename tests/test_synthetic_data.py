@@ -26,6 +26,7 @@ from nextchat.training.synthetic import (
     relational_phrases,
     render_scene,
     task_corpus,
+    write_dataset,
 )
 from nextchat.training.synthetic_eval import (
     build_queries,
@@ -676,3 +677,24 @@ def test_eval_decodes_masks_for_segmentation_queries_only_and_boxes_do_not_depen
             assert (got.get("mask") is not None) == (query["task"] == "res" and want.get("mask") is not None)
             masked += got.get("mask") is not None
     assert boxed > masked > 0
+
+
+def test_writing_with_several_workers_gives_the_same_files(tmp_path):
+    """`write_dataset(num_workers=2)` (`--workers 2`): the JSONL file and every image are byte for byte those that
+    one process writes, lines in seed order."""
+    options = dict(phrasings="train", absent_fraction=0.3, relation_fraction=0.2, max_turns=2, mix_turn_tasks=True)
+    one = write_dataset(str(tmp_path / "one"), range(100, 170), **options)
+    synthetic_main([str(tmp_path / "two"), "--num", "70", "--seed-start", "100", "--phrasings", "train", "--absent-fraction",
+          "0.3", "--relation-fraction", "0.2", "--max-turns", "2", "--mix-turn-tasks", "--workers", "2"])
+    two = str(tmp_path / "two" / "data.jsonl")
+    assert open(one, "rb").read() == open(two, "rb").read()
+    assert [json.loads(line)["seed"] for line in open(two)] == list(range(100, 170))
+    images = sorted(os.listdir(tmp_path / "one" / "images"))
+    assert len(images) == 70 and images == sorted(os.listdir(tmp_path / "two" / "images"))
+    for name in images:
+        assert (open(tmp_path / "one" / "images" / name, "rb").read()
+                == open(tmp_path / "two" / "images" / name, "rb").read()), name
+    with pytest.raises(ValueError, match="num_workers"):
+        write_dataset(str(tmp_path / "bad"), range(3), num_workers=0)
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "bad"), "--num", "3", "--workers", "0"])

@@ -68,7 +68,9 @@ a training target). Every box must be referred to at least once. The other field
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 
 import numpy as np
@@ -637,18 +639,37 @@ def distractor_fraction(records: list[dict]) -> float:
     return hits / max(total, 1)
 
 
-def write_dataset(out_dir: str, seeds, jsonl_name: str = "data.jsonl", image_dir: str = "images", **kwargs) -> str:
-    """Write images and a JSONL file for `seeds` (an iterable of ints) into `out_dir`; returns the JSONL path."""
+def write_dataset(out_dir: str, seeds, jsonl_name: str = "data.jsonl", image_dir: str = "images",
+                  num_workers: int = 1, **kwargs) -> str:
+    """Write images and a JSONL file for `seeds` (an iterable of ints) into `out_dir`; returns the JSONL path.
+
+    Each sample depends on its seed only, so `num_workers` processes can draw them: the files are the same, line
+    for line and byte for byte, as those one process writes."""
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}")
     os.makedirs(os.path.join(out_dir, image_dir), exist_ok=True)
     path = os.path.join(out_dir, jsonl_name)
+    write = functools.partial(_write_sample, out_dir, image_dir, kwargs)
+    seeds = [int(seed) for seed in seeds]
     with open(path, "w") as f:
-        for seed in seeds:
-            image, record = make_sample(int(seed), **kwargs)
-            rel = f"{image_dir}/{int(seed):08d}.png"
-            image.save(os.path.join(out_dir, rel), compress_level=1)
-            record = {"id": record["id"], "image": rel, **{k: v for k, v in record.items() if k != "id"}}
-            f.write(json.dumps(record) + "\n")
+        if num_workers == 1:
+            lines = map(write, seeds)
+            f.writelines(lines)
+        else:
+            # fork where the platform has it: a spawned worker would import the package again (seconds)
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with multiprocessing.get_context(method).Pool(num_workers) as pool:
+                f.writelines(pool.imap(write, seeds, chunksize=64))
     return path
+
+
+def _write_sample(out_dir: str, image_dir: str, kwargs: dict, seed: int) -> str:
+    """Draw sample `seed`, save its image under `out_dir`, return its JSONL line."""
+    image, record = make_sample(seed, **kwargs)
+    rel = f"{image_dir}/{seed:08d}.png"
+    image.save(os.path.join(out_dir, rel), compress_level=1)
+    record = {"id": record["id"], "image": rel, **{k: v for k, v in record.items() if k != "id"}}
+    return json.dumps(record) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -759,6 +780,8 @@ def main(argv=None):
     parser.add_argument("--seed-start", type=int, default=0)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--jsonl-name", default="data.jsonl")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that draw the samples (the files are the same for any number)")
     parser.add_argument("--min-turns", type=int, default=1)
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
@@ -807,6 +830,8 @@ def main(argv=None):
     if args.absent_conjunction_fraction and not args.absent_fraction:
         parser.error("--absent-conjunction-fraction is a share of the absent-object questions: it needs "
                      "--absent-fraction > 0")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         parser.error(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {TASKS}")
@@ -821,6 +846,7 @@ def main(argv=None):
             parser.error(f"--task-weights: {item!r} must name one of --tasks with a weight >= 0")
     path = write_dataset(
         args.out_dir, range(args.seed_start, args.seed_start + args.num), jsonl_name=args.jsonl_name,
+        num_workers=args.workers,
         min_turns=args.min_turns, max_turns=args.max_turns, tasks=tuple(args.tasks.split(",")),
         min_objects=args.min_objects, max_objects=args.max_objects, hard_fraction=args.hard_fraction,
         single_object_fraction=args.single_object_fraction, same_shape_fraction=args.same_shape_fraction,
