@@ -18,6 +18,7 @@ from nextchat.training.vision_pretrain import (
     main,
     patch_boxes,
     patch_labels,
+    resize_mask_area,
 )
 
 
@@ -86,6 +87,41 @@ def test_dataset_is_deterministic_and_matches_the_scene():
         row, col = int((y1 + y2) / 2) // 8, int((x1 + x2) / 2) // 8
         if obj["mask"][row * 8:(row + 1) * 8, col * 8:(col + 1) * 8].sum() >= 8:
             assert first["labels"][row * 8 + col] == klass(obj["color"], obj["shape"])
+
+
+def test_resize_mask_area_by_hand():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True  # the top-left quarter
+    # each output pixel of a 3 x 3 grid covers 4/3 input pixels a side: along an axis [1, 1, 0, 0] -> [1, 1/2, 0]
+    assert np.allclose(resize_mask_area(mask, 3, 3), [[1, 0.5, 0], [0.5, 0.25, 0], [0, 0, 0]])
+    assert np.allclose(resize_mask_area(mask, 2, 8), np.repeat([[1, 1, 0, 0], [0, 0, 0, 0]], 2, axis=1))
+    assert np.array_equal(resize_mask_area(mask, 4, 4), mask)
+
+
+def test_scenes_drawn_larger_than_the_input_label_the_input_patches():
+    """`input_size` smaller than the drawn scene (64-px scenes, a 48-px model: a 6 x 6 grid of 8-px patches): the
+    image is the processor's resize of the scene, and each patch's owner counts the object's area in that patch's
+    square of the scene (10 2/3 scene pixels a side), here counted on a 3x finer copy of the masks."""
+    processor = build_shapes_processor(image_size=48, patch_size=8, sam_image_size=None)
+    dataset = ShapesPatchDataset(range(8), processor.image_processor, patch_size=8, input_size=(48, 48))
+    checked = 0
+    for index in range(8):
+        sample = dataset[index]
+        image, objects = render_scene(index)
+        assert torch.equal(sample["pixel_values"], processor.image_processor(image, return_tensors="pt")["pixel_values"][0])
+        assert sample["pixel_values"].shape == (3, 48, 48) and sample["labels"].shape == (36,)
+        for patch in range(36):
+            row, col = divmod(patch, 6)
+            # a 64-px scene at 3x is 192 px: input patch (row, col) is its 32 x 32 block; 16 fine pixels = 1 input px
+            areas = [np.repeat(np.repeat(obj["mask"], 3, 0), 3, 1)[32 * row : 32 * row + 32, 32 * col : 32 * col + 32]
+                     .sum() / 16 for obj in objects]
+            best = int(np.argmax(areas))
+            expected = klass(objects[best]["color"], objects[best]["shape"]) if areas[best] >= 8 else BACKGROUND
+            assert sample["labels"][patch] == expected, (index, patch)
+            if expected != BACKGROUND:
+                assert np.allclose(sample["boxes"][patch].numpy(), np.asarray(objects[best]["box"]) / 64)
+                checked += 1
+    assert checked > 20
 
 
 def test_classifier_loss_weights_background_patches():
@@ -232,3 +268,26 @@ def test_object_patch_box_error_equals_a_per_patch_loop():
             if item["labels"][p] != BACKGROUND:
                 errors += [abs(float(pred[p, c]) - float(item["boxes"][p, c])) for c in range(4)]
     assert object_patch_metrics(classifier, dataset, batch_size=5)["box_error"] == pytest.approx(np.mean(errors))
+
+
+def test_cached_scenes_train_the_same_tower(tmp_path):
+    """`--cache-scenes`: four epochs over 16 scenes, the later ones read from the dataloader worker's memory, save
+    a tower bit-identical to the run that draws every scene again, under the same shuffled order."""
+    from safetensors.torch import load_file
+
+    config = {"model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": None}},
+                        "scratch": SPEC, "seed": 0}, "torch_num_threads": 1}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    towers = {}
+    for name, extra in (("drawn", []), ("cached", ["--cache-scenes"])):
+        out = tmp_path / name
+        assert main([str(path), str(out), "--num", "16", "--eval-num", "4", "--max-steps", "8", "--batch-size", "8",
+                     "--learning-rate", "3e-3", "--logging-steps", "1", *extra]) == 0
+        towers[name] = load_file(str(out / "model.safetensors"))
+        history = json.load(open(out / "vision_pretrain_metrics.json"))["log_history"]
+        towers[name + " losses"] = [h["loss"] for h in history if "loss" in h]
+    assert len(towers["drawn losses"]) == 8 and towers["drawn losses"] == towers["cached losses"]
+    assert towers["drawn"].keys() == towers["cached"].keys()
+    for key, value in towers["drawn"].items():
+        assert torch.equal(towers["cached"][key], value), key

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -30,15 +31,31 @@ import torch
 from torch import nn
 
 
-def _patch_owners(objects: list[dict], rows: int, cols: int, patch_size: int, min_pixels: int) -> np.ndarray:
+def _patch_owners(objects: list[dict], rows: int, cols: int, patch_size: int, min_pixels: int,
+                  input_size: tuple[int, int] | None = None) -> np.ndarray:
     """`(rows, cols)` index of the object with the most pixels in each patch if it has at least `min_pixels`
-    there, else -1 (background)."""
+    there, else -1 (background). Pixels are those of the model's input: with `input_size` (height, width) other
+    than the scene's, each mask is first resized to it, as the image is (its area per input pixel)."""
     counts = np.zeros((len(objects) + 1, rows, cols))
-    counts[0] = min_pixels - 0.5  # background wins unless an object reaches min_pixels
+    counts[0] = min_pixels - 1e-6  # background wins unless an object reaches min_pixels (areas may be fractions)
     for k, obj in enumerate(objects):
-        mask = obj["mask"][: rows * patch_size, : cols * patch_size]
+        mask = obj["mask"] if input_size is None else resize_mask_area(obj["mask"], *input_size)
+        mask = mask[: rows * patch_size, : cols * patch_size]
         counts[k + 1] = mask.reshape(rows, patch_size, cols, patch_size).sum(axis=(1, 3))
     return counts.argmax(axis=0) - 1
+
+
+def resize_mask_area(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A `(H, W)` mask resized to `(height, width)`: each output pixel holds the exact fraction of its area that
+    the mask covers (each axis repeated to the least common multiple of the sizes, then block-averaged)."""
+    out = mask.astype(np.float64)
+    for axis, size in ((0, height), (1, width)):
+        common = math.lcm(out.shape[axis], size)
+        out = np.repeat(out, common // out.shape[axis], axis=axis)
+        shape = list(out.shape)
+        shape[axis : axis + 1] = [size, common // size]
+        out = out.reshape(shape).mean(axis=axis + 1)
+    return out
 
 
 def _labels_of(objects: list[dict], owner: np.ndarray) -> np.ndarray:
@@ -79,13 +96,17 @@ def patch_boxes(objects: list[dict], height: int, width: int, patch_size: int, m
 class ShapesPatchDataset(torch.utils.data.Dataset):
     """Scenes of `render_scene(seed)` for `seed` in `seeds`, drawn on access (deterministic per seed), as
     `{"pixel_values": (3, H, W), "labels": (num_patches,), "boxes": (num_patches, 4)}` with the CLIP preprocessing
-    of `image_processor` (see `patch_labels` and `patch_boxes`)."""
+    of `image_processor` (see `patch_labels` and `patch_boxes`). With `input_size` (height, width), the model's
+    input when it differs from the drawn scene's size: the image processor resizes the scene to it, and the patch
+    labels are counted on the resized masks."""
 
-    def __init__(self, seeds, image_processor, patch_size: int, min_pixels: int = 8, **scene_kwargs):
+    def __init__(self, seeds, image_processor, patch_size: int, min_pixels: int = 8,
+                 input_size: tuple[int, int] | None = None, **scene_kwargs):
         self.seeds = list(seeds)
         self.image_processor = image_processor
         self.patch_size = patch_size
         self.min_pixels = min_pixels
+        self.input_size = None if input_size is None else tuple(input_size)
         self.scene_kwargs = scene_kwargs
 
     def __len__(self):
@@ -96,8 +117,11 @@ class ShapesPatchDataset(torch.utils.data.Dataset):
 
         image, objects = render_scene(self.seeds[index], **self.scene_kwargs)
         pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        rows, cols = image.height // self.patch_size, image.width // self.patch_size
-        owner = _patch_owners(objects, rows, cols, self.patch_size, self.min_pixels)  # once for both targets
+        resized = self.input_size is not None and self.input_size != (image.height, image.width)
+        height, width = self.input_size if resized else (image.height, image.width)
+        rows, cols = height // self.patch_size, width // self.patch_size
+        owner = _patch_owners(objects, rows, cols, self.patch_size, self.min_pixels,  # once for both targets
+                              input_size=(height, width) if resized else None)
         labels, boxes = _labels_of(objects, owner), _boxes_of(objects, owner, image.height, image.width)
         return {"pixel_values": pixel_values, "labels": torch.from_numpy(labels), "boxes": torch.from_numpy(boxes)}
 
@@ -232,6 +256,7 @@ def stage0_training_args(args, warmup_steps: int, **overrides):
 def main(argv=None):
     from transformers import default_data_collator
 
+    from .data import CachedDataset
     from .synthetic import COLORS, SHAPES
     from .train import leave_process_group
     from .trainer import NextChatTrainer
@@ -249,6 +274,13 @@ def main(argv=None):
                         help="also regress each object patch onto its object's box (L1, this weight); 0: classes only")
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--scene-size", type=int, default=None,
+                        help="draw the scenes at this size (px) and resize them to the model's input, as the "
+                             "training images of a model whose input is smaller than its data are (default: draw "
+                             "them at the input size)")
+    parser.add_argument("--cache-scenes", action="store_true",
+                        help="keep each drawn scene in memory for its later epochs (the same tensors, so the same "
+                             "tower; about 50 KB a scene at 64 px, in each process's dataloader worker)")
     args = parser.parse_args(argv)
 
     with open(args.config, encoding="utf-8") as f:
@@ -260,14 +292,20 @@ def main(argv=None):
     classifier = PatchClassifier(tower, len(COLORS) * len(SHAPES) + 1, nextchat_config.vision_feature_layer,
                                  box_loss_weight=args.box_loss_weight)
     patch = nextchat_config.vision_config.patch_size
-    height, width = processor.image_processor.crop_height_width  # scenes drawn at the model's input size
-    scene = {"height": height, "width": width}
+    height, width = processor.image_processor.crop_height_width
+    if args.scene_size is not None and args.scene_size < 1:
+        parser.error("--scene-size must be a positive number of pixels")
+    scene = {"height": args.scene_size or height, "width": args.scene_size or width, "input_size": (height, width)}
     train = ShapesPatchDataset(range(args.seed_start, args.seed_start + args.num), processor.image_processor, patch,
                                **scene)
     held_out = ShapesPatchDataset(range(args.seed_start + args.num, args.seed_start + args.num + args.eval_num),
                                   processor.image_processor, patch, **scene)
     freeze_unreached_parameters(classifier, default_data_collator([train[0], train[1]]))
-    training_args = stage0_training_args(args, warmup_steps=50, ddp_find_unused_parameters=False)
+    if args.cache_scenes:
+        train = CachedDataset(train)
+    # a cache lives in its dataloader worker: the worker must outlive the epoch
+    training_args = stage0_training_args(args, warmup_steps=50, ddp_find_unused_parameters=False,
+                                         dataloader_persistent_workers=args.cache_scenes)
     # NextChatTrainer for its logging; the classifier has no NExT-Chat loss items, so its loss is the stock one
     trainer = NextChatTrainer(model=classifier, args=training_args, train_dataset=train)
     trainer.train()
