@@ -107,6 +107,8 @@ def test_pretrained_sam_learns_and_loads_into_a_model(tmp_path):
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert metrics["steps"] == 30 and losses[-1] < 0.8 * losses[0]
     assert 0.0 <= metrics["box_mask_miou"] <= 1.0
+    with pytest.raises(SystemExit):
+        main([str(path), str(tmp_path / "bad"), "--scene-size", "0"])
 
     # "sam_init" puts exactly the saved weights into SAM, and zeroes seg_prompt_mlp's last layer, so that the model's
     # masks, whatever its trigger states, are those of the saved SAM prompted by the box alone

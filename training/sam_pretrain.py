@@ -183,7 +183,11 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--scene-size", type=int, default=None,
+                        help="draw the scenes at this size (px); default: SAM's input size")
     args = parser.parse_args(argv)
+    if args.scene_size is not None and args.scene_size < 1:
+        parser.error("--scene-size must be a positive number of pixels")
 
     with open(args.config, encoding="utf-8") as f:
         config = json.load(f)
@@ -202,8 +206,10 @@ def main(argv=None):
     options = {"loss_type": nextchat_config.mask_loss_type, "focal_alpha": nextchat_config.mask_focal_alpha,
                "focal_gamma": nextchat_config.mask_focal_gamma, "dice_smooth": nextchat_config.mask_dice_smooth}
     model = BoxPromptedSam(sam, nextchat_config.num_seg_prompt_tokens, NextChatLossWeights(), options)
-    height, width = processor.image_processor.crop_height_width  # scenes drawn at the model's input size
-    scene = {"height": height, "width": width, "single_object_fraction": 0.2}
+    size = args.scene_size or processor.image_processor.sam_image_size
+    if size is None:
+        raise ValueError("SAM pretraining needs a processor with `sam_image_size`")
+    scene = {"height": size, "width": size, "single_object_fraction": 0.2}
     train = ShapesBoxMaskDataset(range(args.seed_start, args.seed_start + args.num), processor.image_processor,
                                  **scene)
     held_out = ShapesBoxMaskDataset(range(args.seed_start + args.num, args.seed_start + args.num + args.eval_num),
