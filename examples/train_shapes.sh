@@ -7,17 +7,22 @@
 #   Other variables: SEED (phase 1's model seed, default 4), NPROC (processes per stage, default 2), PYTHON (the
 #   interpreter, default python).
 #
-# Data (written by three processes in parallel): a warm-up section of lone objects (5k "where is X" samples),
+# Data (three writers in parallel, the largest drawing in NPROC processes): a warm-up section of lone objects (5k "where is X" samples),
 # then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the ten training phrasing families;
 # 30% of rec/res turns ask about an absent object ("There is no purple circle."), 20% name their target by a
 # relation, half the conversations have two turns of different tasks; grounded captions list their objects by name;
 # and 10k segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
+# The model sees the 64-px images at 48 px (a 6 x 6 grid of 8-px patches; model.processor.shapes.image_size in
+# training/configs/shapes_tiny.json), SAM at 64.
 # Stage 0 (4000 steps of 2 x 8): the vision tower alone learns to name the object under every patch (colour x
-# shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py).
+# shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py), on scenes
+# drawn at 64 px and resized to 48 as the training images are; each scene is drawn once and kept for its second
+# epoch (--cache-scenes).
 # SAM stage (400 steps of 2 x 8): SAM alone learns box -> mask on ground-truth boxes, a stand-in for SAM's
 # pretraining (nextchat/training/sam_pretrain.py).
 # Phase 1 (stage "stage2", 2800 steps of 2 x 32, from the stage-0 tower): projector, LLaMA and the box heads with
-# CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first), plus two
+# CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first; each sample is
+# prepared once and kept in memory for the three later epochs, `data.cache_samples`), plus two
 # training-only attention terms (not in the original; `attention_supervision` in training/configs/shapes_tiny.json):
 # in LLaMA's last layer, heads 0-2 of every answer trigger, of the position that starts a referring answer
 # (`answer_start`) and of the one that starts a grounded caption (`caption_start`) are asked to attend to their
@@ -28,8 +33,8 @@
 # predicted one).
 # Every stage runs as NPROC data-parallel CPU processes (torchrun, gloo, one thread each, bf16 where the CPU has
 # bf16 instructions) for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. Training takes 16 to 29 minutes on a 2-core CPU with bf16 instructions, depending
-# on the machine (about twice as long without them), and the two evaluations about 2 more; timings in
+# run is the same run every time. Training takes about 24 minutes on the 2-core CPU with bf16 instructions it was
+# last measured on (about twice as long without them), and the two evaluations about 2 more; timings in
 # docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
@@ -45,13 +50,13 @@ $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 200000
     --min-objects 1 --max-objects 1 --max-turns 1 --phrasings train &
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 \
     --caption-order name --min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3 \
-    --relation-fraction 0.2 &
+    --relation-fraction 0.2 --workers "$NPROC" &
 $PY -m nextchat.training.synthetic "$DATA/masks" --num 10000 --seed-start 3000000 --tasks res --max-turns 1 \
     --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2 &
 wait
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-4000}" \
-    --box-loss-weight 1
+    --box-loss-weight 1 --scene-size 64 --cache-scenes
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.sam_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/sam" --max-steps "${SAM_STEPS:-400}"
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
