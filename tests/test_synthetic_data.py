@@ -684,8 +684,9 @@ def test_writing_with_several_workers_gives_the_same_files(tmp_path):
     one process writes, lines in seed order."""
     options = dict(phrasings="train", absent_fraction=0.3, relation_fraction=0.2, max_turns=2, mix_turn_tasks=True)
     one = write_dataset(str(tmp_path / "one"), range(100, 170), **options)
-    synthetic_main([str(tmp_path / "two"), "--num", "70", "--seed-start", "100", "--phrasings", "train", "--absent-fraction",
-          "0.3", "--relation-fraction", "0.2", "--max-turns", "2", "--mix-turn-tasks", "--workers", "2"])
+    synthetic_main([str(tmp_path / "two"), "--num", "70", "--seed-start", "100", "--phrasings", "train",
+                    "--absent-fraction", "0.3", "--relation-fraction", "0.2", "--max-turns", "2", "--mix-turn-tasks",
+                    "--workers", "2"])
     two = str(tmp_path / "two" / "data.jsonl")
     assert open(one, "rb").read() == open(two, "rb").read()
     assert [json.loads(line)["seed"] for line in open(two)] == list(range(100, 170))

@@ -108,7 +108,8 @@ def test_scenes_drawn_larger_than_the_input_label_the_input_patches():
     for index in range(8):
         sample = dataset[index]
         image, objects = render_scene(index)
-        assert torch.equal(sample["pixel_values"], processor.image_processor(image, return_tensors="pt")["pixel_values"][0])
+        resized = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(sample["pixel_values"], resized)
         assert sample["pixel_values"].shape == (3, 48, 48) and sample["labels"].shape == (36,)
         for patch in range(36):
             row, col = divmod(patch, 6)

@@ -296,4 +296,11 @@ class NextChatDataCollator:
         return batch
 
 
-__all__ = ["MODEL_INPUT_KEYS", "CachedDataset", "NextChatDataCollator", "NextChatJsonlDataset", "encode_record", "length_grouped_order"]
+__all__ = [
+    "MODEL_INPUT_KEYS",
+    "CachedDataset",
+    "NextChatDataCollator",
+    "NextChatJsonlDataset",
+    "encode_record",
+    "length_grouped_order",
+]

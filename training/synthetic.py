@@ -653,8 +653,7 @@ def write_dataset(out_dir: str, seeds, jsonl_name: str = "data.jsonl", image_dir
     seeds = [int(seed) for seed in seeds]
     with open(path, "w") as f:
         if num_workers == 1:
-            lines = map(write, seeds)
-            f.writelines(lines)
+            f.writelines(map(write, seeds))
         else:
             # fork where the platform has it: a spawned worker would import the package again (seconds)
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
