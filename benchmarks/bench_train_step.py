@@ -57,7 +57,7 @@ def main():
         config["data"] = {"train": os.path.join(tmp, "data", "data.jsonl"), "use_masks": False,
                           "return_sam_pixel_values": False}
         config["training_args"].update(max_steps=1, output_dir=os.path.join(tmp, "out"), dataloader_num_workers=0,
-                                       report_to="none")
+                                       dataloader_persistent_workers=False, report_to="none")
         config["output_model_dir"] = None
         trainer, model, _ = run(config, root=os.path.join(ROOT, "training", "configs"))
         batches = list(trainer.get_train_dataloader())[: args.steps + 1]

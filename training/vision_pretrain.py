@@ -15,7 +15,8 @@ several objects it cannot). The heads are discarded; the tower is saved with `sa
 new model by ``"vision_tower_init"`` of the training config's ``model`` section. It is our stand-in for CLIP's
 pretraining; the rest of the recipe is unchanged.
 
-    python -m nextchat.training.vision_pretrain training/configs/shapes_tiny.json runs/vision_tower --max-steps 2000
+    python -m nextchat.training.vision_pretrain training/configs/shapes_tiny.json runs/vision_tower --max-steps 2000 \
+        --scene-size 64    # the recipe's images are 64 px; its model sees them at 48
 """
 
 from __future__ import annotations
