@@ -630,22 +630,28 @@ def test_synthetic_sections_are_read_in_order_with_sequential_sampling(tmp_path)
     assert os.path.getmtime(tmp_path / "warm" / "data.jsonl") == stamp
 
 
+def _full_stage_config(num: int, max_steps: int) -> dict:
+    """A `run()` config training everything of the tiny model on `num` synthetic samples for `max_steps` steps of 4,
+    shuffled (seed 3), the image work in one dataloader worker."""
+    return {
+        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
+                  "scratch": TINY_SPEC, "seed": 0},
+        "stage": "full",
+        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": num, **SCENE}},
+        "training_args": {"per_device_train_batch_size": 4, "max_steps": max_steps, "learning_rate": 5e-3,
+                          "lr_scheduler_type": "cosine", "warmup_steps": 1, "logging_steps": 1,
+                          "save_strategy": "no", "dataloader_num_workers": 1, "seed": 3, "disable_tqdm": True,
+                          "use_cpu": True, "report_to": "none"},
+    }
+
+
 def test_a_step_budget_run_is_the_same_run_every_time(tmp_path):
     """The shapes recipe runs for a fixed number of steps (no `time_budget_s`), so that its result does not depend on
     the machine's speed: two runs of one config, with a shuffling sampler and the image work in a dataloader worker,
     end with bit-identical weights and logged losses."""
     from nextchat.training.train import run
 
-    config = {
-        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
-                  "scratch": TINY_SPEC, "seed": 0},
-        "stage": "full",
-        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 16, **SCENE}},
-        "training_args": {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 5e-3,
-                          "lr_scheduler_type": "cosine", "warmup_steps": 1, "logging_steps": 1,
-                          "save_strategy": "no", "dataloader_num_workers": 1, "seed": 3, "disable_tqdm": True,
-                          "use_cpu": True},
-    }
+    config = _full_stage_config(num=16, max_steps=4)
     results = []
     for name in ("first", "second"):
         trainer, model, _ = run({**config, "training_args": {**config["training_args"], "output_dir": name}},
@@ -888,16 +894,7 @@ def test_cache_samples_gives_the_same_weights_over_several_epochs(tmp_path):
     dataloader worker, end with bit-identical losses and weights to the run that prepares every sample each time."""
     from nextchat.training.train import run
 
-    config = {
-        "model": {"processor": {"shapes": {"image_size": IMAGE, "patch_size": 8, "sam_image_size": IMAGE}},
-                  "scratch": TINY_SPEC, "seed": 0},
-        "stage": "full",
-        "data": {"synthetic": {"out_dir": "data", "seed_start": 0, "num": 8, **SCENE}},
-        "training_args": {"per_device_train_batch_size": 4, "max_steps": 6, "learning_rate": 5e-3,
-                          "lr_scheduler_type": "cosine", "warmup_steps": 1, "logging_steps": 1,
-                          "save_strategy": "no", "dataloader_num_workers": 1, "seed": 3, "disable_tqdm": True,
-                          "use_cpu": True, "report_to": "none"},
-    }
+    config = _full_stage_config(num=8, max_steps=6)
     variants = {
         "plain": ({}, {}),
         "worker": ({"cache_samples": True}, {"dataloader_persistent_workers": True}),
