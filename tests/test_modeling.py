@@ -163,6 +163,41 @@ def test_sam_prompt_encoding_matches_segment_anything(model):
     torch.testing.assert_close(sam.image_positional_embeddings(), sam.prompt_encoder.get_dense_pe())
 
 
+def test_one_decoder_pass_for_prompts_of_several_images_equals_segment_anything_image_by_image(model):
+    """`decode_masks` decodes the prompts of a whole batch in one pass; segment-anything's own `MaskDecoder`,
+    called once per prompt on that prompt's image, is the reference, for the masks, the IoUs and the gradients."""
+    sam = model.sam
+    generator = torch.Generator().manual_seed(0)
+    prompt_dim, size = sam.mask_decoder.transformer_dim, sam.image_embedding_size
+    embeddings = torch.randn(3, prompt_dim, size, size, generator=generator, requires_grad=True)
+    prompts = torch.randn(5, 4, prompt_dim, generator=generator, requires_grad=True)
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 60.0], [0.0, 0.0, 63.0, 63.0], [10.0, 2.0, 20.0, 30.0],
+                          [30.0, 30.0, 50.0, 61.0], [1.0, 40.0, 12.0, 52.0]])
+    image_index = torch.tensor([2, 0, 2, 1, 0])
+    masks, iou = sam.decode_masks(embeddings, prompts, boxes, image_index)
+    weights = torch.randn(masks.shape, generator=generator)
+    grads = torch.autograd.grad((masks * weights).sum() + iou.sum(), [embeddings, prompts])
+
+    reference_masks, reference_iou = [], []
+    for k, i in enumerate(image_index.tolist()):
+        box_tokens, dense = sam.prompt_encoder(points=None, boxes=boxes[k : k + 1], masks=None)
+        mask, score = sam.mask_decoder(
+            image_embeddings=embeddings[i : i + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=torch.cat([prompts[k : k + 1], box_tokens], dim=1),
+            dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        reference_masks.append(mask[0, 0])
+        reference_iou.append(score[0, 0])
+    reference_masks, reference_iou = torch.stack(reference_masks), torch.stack(reference_iou)
+    reference_grads = torch.autograd.grad((reference_masks * weights).sum() + reference_iou.sum(),
+                                          [embeddings, prompts])
+    assert masks.shape == (5, 4 * size, 4 * size) and iou.shape == (5,)
+    torch.testing.assert_close(masks, reference_masks, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(iou, reference_iou, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_sdpa_and_eager_agree():
     eager = tiny_model(sam=False, seed=3)

@@ -68,11 +68,13 @@ def test_sam_stage_freezes_only_the_prompt_encoders_no_box_reaches():
     dataset = ShapesBoxMaskDataset([0, 1], processor().image_processor, height=IMAGE, width=IMAGE)
     frozen = freeze_unreached_parameters(model, collate_box_masks([dataset[0], dataset[1]]))
     # by hand: box prompts use the box-corner embeddings (2 and 3) only; the point labels' embeddings (0, 1), the
-    # padding point's and the mask-prompt encoder are never reached
+    # padding point's and the mask-prompt encoder are never reached, nor are the hypernetworks of SAM's three
+    # multimask outputs (NExT-Chat decodes the single mask only)
     expected = {name for name, _ in model.named_parameters()
                 if re.fullmatch(r"sam\.prompt_encoder\.(point_embeddings\.[01]|not_a_point_embed|mask_downscaling\.\d+)"
-                                r"\.(weight|bias)", name)}
-    assert len(expected) == 13 and set(frozen) == expected
+                                r"\.(weight|bias)", name)
+                or re.fullmatch(r"sam\.mask_decoder\.output_hypernetworks_mlps\.[123]\.layers\.[012]\.(weight|bias)", name)}
+    assert len(expected) == 13 + 18 and set(frozen) == expected
 
 
 def test_box_mask_miou_equals_a_per_object_loop():

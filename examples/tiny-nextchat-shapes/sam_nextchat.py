@@ -87,35 +87,49 @@ class NextChatSamModel(nn.Module):
         return self.image_encoder(pixel_values)
 
     def decode_masks(
-        self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor, boxes: torch.Tensor
+        self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor, boxes: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of K prompts on ONE image.
+        """Masks of K prompts, each on its own image, in one pass of the mask decoder.
+
+        segment-anything's `MaskDecoder.predict_masks` repeats ONE image embedding for all its prompts; this is the
+        same computation with each prompt's image embedding gathered by `image_index`, so that the prompts of a
+        whole batch of images share one pass instead of one pass per image. Only the single-mask output is
+        decoded (`multimask_output=False`); the three multimask hypernetworks are not run.
 
         Args:
-            image_embeddings: `(1, prompt_dim, h, w)` from `get_image_embeddings`.
+            image_embeddings: `(n, prompt_dim, h, w)` from `get_image_embeddings`.
             prompt_tokens: `(K, num_seg_prompt_tokens, prompt_dim)` from `seg_prompt_mlp`.
             boxes: `(K, 4)` xyxy in SAM input pixels (normalised box × `image_size`).
+            image_index: `(K,)` the row of `image_embeddings` of each prompt; default all 0 (one image).
 
         Returns:
             low-resolution mask logits `(K, 4h, 4w)` and predicted IoU `(K,)`.
         """
+        decoder = self.mask_decoder
         dtype = image_embeddings.dtype
+        num_prompts = prompt_tokens.shape[0]
+        if image_index is None:
+            image_index = torch.zeros(num_prompts, dtype=torch.long, device=image_embeddings.device)
         sparse = torch.cat([prompt_tokens.to(dtype), self.embed_boxes(boxes).to(dtype)], dim=1)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(num_prompts, -1, -1), sparse), dim=1)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(dtype)
-        dense = dense.expand(sparse.shape[0], -1, self.image_embedding_size, self.image_embedding_size)
-        masks, iou = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_pe=self.image_positional_embeddings().to(dtype),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        return masks[:, 0], iou[:, 0]
+        src = image_embeddings[image_index.to(image_embeddings.device)] + dense
+        pos_src = self.image_positional_embeddings().to(dtype).expand(num_prompts, -1, -1, -1)
+        batch, channels, height, width = src.shape
+        hidden, src = decoder.transformer(src, pos_src, tokens)
+        iou = decoder.iou_prediction_head(hidden[:, 0, :])
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).view(batch, channels, height, width))
+        hyper_in = decoder.output_hypernetworks_mlps[0](hidden[:, 1, :]).unsqueeze(1)  # the single-mask token
+        masks = hyper_in @ upscaled.flatten(2)
+        return masks.view(batch, upscaled.shape[-2], upscaled.shape[-1]), iou[:, 0]
 
     def predict_masks(
         self, pixel_values: torch.Tensor, prompt_tokens: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of K prompts over a batch of images; the image encoder runs once per distinct image.
+        """Masks of K prompts over a batch of images; the image encoder runs once per distinct image and the mask
+        decoder once for all prompts.
 
         Args:
             pixel_values: `(B, 3, S, S)` SAM inputs.
@@ -129,15 +143,4 @@ class NextChatSamModel(nn.Module):
         dtype = self.mask_decoder.iou_token.weight.dtype
         images, inverse = torch.unique(image_index, return_inverse=True)
         embeddings = self.get_image_embeddings(pixel_values[images.to(pixel_values.device)].to(dtype))
-        pred_masks = iou_scores = None
-        for i in range(len(images)):
-            selected = torch.nonzero(inverse == i).flatten()
-            masks, scores = self.decode_masks(
-                embeddings[i : i + 1], prompt_tokens[selected], boxes[selected] * self.image_size
-            )
-            if pred_masks is None:
-                pred_masks = masks.new_empty((len(image_index),) + masks.shape[1:])
-                iou_scores = scores.new_empty(len(image_index))
-            pred_masks[selected] = masks
-            iou_scores[selected] = scores
-        return pred_masks, iou_scores
+        return self.decode_masks(embeddings, prompt_tokens, boxes * self.image_size, inverse)
