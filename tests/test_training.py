@@ -31,6 +31,7 @@ from nextchat.training.presets import (
 )
 from nextchat.training.synthetic import (
     COLORS,
+    EXTRA_SHAPES,
     SHAPES,
     build_shapes_processor,
     distractor_fraction,
@@ -164,6 +165,44 @@ def test_shape_masks_are_exact_geometry():
         m = shape_mask(kind, 12, 3, 4, h, w)
         x1, y1, x2, y2 = mask_to_box(m)
         assert x1 >= 3 and y1 >= 4 and x2 <= 15 and y2 <= 16
+
+
+def test_shape_masks_equal_a_pixel_by_pixel_test_of_the_whole_image():
+    """`shape_mask` tests only the pixels of the bounding square; a loop over every pixel of the image, with the
+    geometry written out again, gives the same mask, for squares that cross or miss the image edges too."""
+    import math
+
+    def naive(kind, size, x0, y0, h, w):
+        star = [(0.5 + r * math.cos(a), 0.5 + r * math.sin(a))
+                for a, r in ((-math.pi / 2 + i * math.pi / 5, 0.5 if i % 2 == 0 else 0.5 * 0.382) for i in range(10))]
+        mask = np.zeros((h, w), dtype=bool)
+        for y in range(h):
+            for x in range(w):
+                u, v = (x + 0.5 - x0) / size, (y + 0.5 - y0) / size
+                if not (0 <= u < 1 and 0 <= v < 1):
+                    continue
+                if kind == "star":  # even-odd rule
+                    inside = False
+                    for (ax, ay), (bx, by) in zip(star, star[1:] + star[:1]):
+                        if (ay > v) != (by > v) and u < ax + (v - ay) * (bx - ax) / (by - ay):
+                            inside = not inside
+                    mask[y, x] = inside
+                else:
+                    mask[y, x] = {"square": True, "circle": (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25,
+                                  "triangle": abs(u - 0.5) <= v / 2,
+                                  "diamond": abs(u - 0.5) + abs(v - 0.5) <= 0.5}[kind]
+        return mask
+
+    rng = np.random.default_rng(0)
+    placements = [(12, 0, 0), (24, 40, 40), (13, -5, 30), (17, 30, -8), (20, 60, 10), (11, -11, 3), (15, 3, 64)]
+    placements += [(int(rng.integers(3, 25)), int(rng.integers(-10, 60)), int(rng.integers(-10, 60))) for _ in range(6)]
+    for kind in SHAPES + EXTRA_SHAPES:
+        for size, x0, y0 in placements:
+            got = shape_mask(kind, size, x0, y0, 48, 64)
+            assert got.shape == (48, 64) and got.dtype == bool
+            assert np.array_equal(got, naive(kind, size, x0, y0, 48, 64)), (kind, size, x0, y0)
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        shape_mask("hexagon", 10, 0, 0, 20, 20)
 
 
 def test_scene_boxes_masks_and_pixels_are_exact():

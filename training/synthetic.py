@@ -329,7 +329,15 @@ def relational_phrases(objects: list[dict], k: int) -> list[str]:
 
 def shape_mask(kind: str, size: int, x0: int, y0: int, height: int, width: int) -> np.ndarray:
     """Exact bool mask of a shape of side `size` whose bounding square starts at (x0, y0); pixel centres inside."""
-    ys, xs = np.mgrid[0:height, 0:width]
+    if kind not in SHAPES + EXTRA_SHAPES:
+        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPES + EXTRA_SHAPES}")
+    full = np.zeros((height, width), dtype=bool)
+    # only the pixels of the bounding square (clipped to the image) can be inside: test those alone
+    top, left = max(y0, 0), max(x0, 0)
+    bottom, right = min(y0 + size, height), min(x0 + size, width)
+    if bottom <= top or right <= left:
+        return full
+    ys, xs = np.mgrid[top:bottom, left:right]
     u = (xs + 0.5 - x0) / size  # position inside the bounding square, 0..1
     v = (ys + 0.5 - y0) / size
     inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
@@ -341,11 +349,10 @@ def shape_mask(kind: str, size: int, x0: int, y0: int, height: int, width: int) 
         mask = inside & (np.abs(u - 0.5) <= v / 2)
     elif kind == "diamond":
         mask = np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
-    elif kind == "star":  # the regular five-pointed star (pentagram outline), one point up
+    else:  # "star": the regular five-pointed star (pentagram outline), one point up
         mask = _inside_polygon(u, v, _star_polygon())
-    else:
-        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPES + EXTRA_SHAPES}")
-    return mask & inside
+    full[top:bottom, left:right] = mask & inside
+    return full
 
 
 def _star_polygon(points: int = 5, inner: float = 0.382) -> np.ndarray:
