@@ -292,3 +292,46 @@ def test_cached_scenes_train_the_same_tower(tmp_path):
     assert towers["drawn"].keys() == towers["cached"].keys()
     for key, value in towers["drawn"].items():
         assert torch.equal(towers["cached"][key], value), key
+
+
+def test_bf16_flag_sets_the_stage0_training_precision(tmp_path):
+    """`--bf16 no|yes|auto` of both stage-0 scripts: float32, bf16 autocast, or bf16 where the hardware has it."""
+    import argparse
+
+    from nextchat.training.train import bf16_available
+    from nextchat.training.vision_pretrain import add_runtime_arguments, stage0_training_args
+
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    common = {"output_dir": str(tmp_path), "batch_size": 8, "learning_rate": 1e-3, "max_steps": 10,
+              "logging_steps": 5}
+    precision = {}
+    for value in ("no", "yes", "auto"):
+        args = argparse.Namespace(**common, **vars(parser.parse_args(["--bf16", value])))  # --threads: None
+        precision[value] = stage0_training_args(args, warmup_steps=2).bf16
+    assert precision == {"no": False, "yes": True, "auto": bf16_available()}
+    assert parser.parse_args([]).bf16 == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bf16", "true"])
+
+
+def test_threads_flag_overrides_the_configs_torch_num_threads():
+    import argparse
+
+    from nextchat.training.vision_pretrain import add_runtime_arguments, set_num_threads
+
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    before = torch.get_num_threads()
+    try:
+        set_num_threads(parser.parse_args(["--threads", "2"]), {"torch_num_threads": 1})
+        assert torch.get_num_threads() == 2
+        set_num_threads(parser.parse_args([]), {"torch_num_threads": 1})
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)
+        set_num_threads(parser.parse_args([]), {})  # neither: torch's setting stays
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="--threads"):
+            set_num_threads(parser.parse_args(["--threads", "0"]), {})
+    finally:
+        torch.set_num_threads(before)

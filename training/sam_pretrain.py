@@ -170,7 +170,9 @@ def main(argv=None):
 
     from .train import build_processor, leave_process_group, scratch_config
     from .trainer import NextChatTrainer
-    from .vision_pretrain import freeze_unreached_parameters, stage0_training_args
+    from .vision_pretrain import (
+        add_runtime_arguments, freeze_unreached_parameters, set_num_threads, stage0_training_args,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.sam_pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +187,7 @@ def main(argv=None):
     parser.add_argument("--logging-steps", type=int, default=25)
     parser.add_argument("--scene-size", type=int, default=None,
                         help="draw the scenes at this size (px); default: SAM's input size")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.scene_size is not None and args.scene_size < 1:
         parser.error("--scene-size must be a positive number of pixels")
@@ -192,8 +195,7 @@ def main(argv=None):
     with open(args.config, encoding="utf-8") as f:
         config = json.load(f)
     root = os.path.dirname(os.path.abspath(args.config))
-    if config.get("torch_num_threads"):
-        torch.set_num_threads(int(config["torch_num_threads"]))
+    set_num_threads(args, config)
     model_spec = config["model"]
     if "scratch" not in model_spec:
         raise ValueError("SAM pretraining needs a config whose `model` has a `scratch` section")

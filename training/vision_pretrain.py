@@ -238,18 +238,38 @@ def freeze_unreached_parameters(model: nn.Module, batch: dict) -> list[str]:
     return unreached
 
 
+def add_runtime_arguments(parser: argparse.ArgumentParser):
+    """The stage-0 scripts' `--bf16` (whether to train under bf16 autocast) and `--threads`."""
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="train under bf16 autocast: auto (default) where the hardware computes bf16 natively. "
+                             "On CPU these small models can be faster in float32: the bf16 backward of "
+                             "PyTorch's CPU attention kernel is slow at these sizes (benchmarks/README.md)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: the config's `torch_num_threads`, else torch's)")
+
+
+def set_num_threads(args, config: dict):
+    """`--threads`, else the config's `torch_num_threads`, else torch's default."""
+    threads = args.threads if args.threads is not None else config.get("torch_num_threads")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"--threads (or the config's `torch_num_threads`) must be at least 1, got {threads}")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def stage0_training_args(args, warmup_steps: int, **overrides):
     """`TrainingArguments` of a stage-0 run (this module's or `sam_pretrain`'s) from its parsed command line
-    (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`): cosine decay over a fixed number
-    of steps, no checkpoints, seed 0, bf16 where the hardware has it; `overrides` are further TrainingArguments
-    fields."""
+    (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`, `bf16`): cosine decay over a fixed
+    number of steps, no checkpoints, seed 0, bf16 autocast as `--bf16` says (see `add_runtime_arguments`);
+    `overrides` are further TrainingArguments fields."""
     from .train import build_training_args
 
     return build_training_args({
         "output_dir": args.output_dir, "per_device_train_batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": warmup_steps,
         "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": args.max_steps, "logging_steps": args.logging_steps,
-        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0, "bf16": "auto",
+        "save_strategy": "no", "dataloader_num_workers": 1, "dataloader_pin_memory": False, "seed": 0,
+        "bf16": {"auto": "auto", "yes": True, "no": False}[args.bf16],
         "disable_tqdm": True, **overrides,
     }, root=".")
 
@@ -282,13 +302,13 @@ def main(argv=None):
     parser.add_argument("--cache-scenes", action="store_true",
                         help="keep each drawn scene in memory for its later epochs (the same tensors, so the same "
                              "tower; about 50 KB a scene at 64 px, in each process's dataloader worker)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
 
     with open(args.config, encoding="utf-8") as f:
         config = json.load(f)
     root = os.path.dirname(os.path.abspath(args.config))
-    if config.get("torch_num_threads"):
-        torch.set_num_threads(int(config["torch_num_threads"]))
+    set_num_threads(args, config)
     tower, processor, nextchat_config = build_vision_tower(config, root)
     classifier = PatchClassifier(tower, len(COLORS) * len(SHAPES) + 1, nextchat_config.vision_feature_layer,
                                  box_loss_weight=args.box_loss_weight)
