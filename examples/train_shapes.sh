@@ -14,12 +14,12 @@
 # and 10k segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
 # The model sees the 64-px images at 48 px (a 6 x 6 grid of 8-px patches; model.processor.shapes.image_size in
 # training/configs/shapes_tiny.json), SAM at 64.
-# Stage 0 (4000 steps of 16, one process, float32): the vision tower alone learns to name the object under every patch (colour x
-# shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py), on scenes
-# drawn at 64 px and resized to 48 as the training images are; each scene is drawn once and kept for its second
-# epoch (--cache-scenes).
-# SAM stage (400 steps of 16, one process with NPROC threads, float32): SAM alone learns box -> mask on ground-truth boxes, a stand-in for SAM's
-# pretraining (nextchat/training/sam_pretrain.py).
+# Stage 0 (4000 steps of 16, one process, float32): the vision tower alone learns to name the object under every
+# patch (colour x shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py),
+# on scenes drawn at 64 px and resized to 48 as the training images are; each scene is drawn once and kept for its
+# second epoch (--cache-scenes).
+# SAM stage (400 steps of 16, one process with NPROC threads, float32): SAM alone learns box -> mask on ground-truth
+# boxes, a stand-in for SAM's pretraining (nextchat/training/sam_pretrain.py).
 # Phase 1 (stage "stage2", 2800 steps of 2 x 32, from the stage-0 tower): projector, LLaMA and the box heads with
 # CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first; each sample is
 # prepared once and kept in memory for the three later epochs, `data.cache_samples`), plus two
@@ -35,9 +35,9 @@
 # where the CPU has bf16 instructions. The two stage-0 scripts take too little time a step to gain from a second
 # process; they run as one, in float32, which is faster for them on CPU (benchmarks/bench_stage0_step.py). Every stage
 # runs for a fixed number of steps, with the learning rate decaying over those steps: on one machine a run is the
-# same run every time. Training takes about 24 minutes on the 2-core CPU with
-# bf16 instructions it was last measured on (about twice as long without them), and the two evaluations about 2
-# more; timings in docs/experiments.md.
+# same run every time. Training takes about 21 minutes on the 2-core CPU with bf16 instructions it was last measured
+# on (phases 1 and 2 about twice as long without them), and the two evaluations about 1.5 more; timings in
+# docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
 # The runs that chose this recipe (seeds, variants, ablations) are in docs/experiments.md.
