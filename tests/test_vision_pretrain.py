@@ -330,6 +330,7 @@ def test_threads_flag_overrides_the_configs_torch_num_threads():
         assert torch.get_num_threads() == 1
         torch.set_num_threads(3)
         set_num_threads(parser.parse_args([]), {})  # neither: torch's setting stays
+        set_num_threads(parser.parse_args([]), {"torch_num_threads": 0})  # 0: unset, as `train` reads it
         assert torch.get_num_threads() == 3
         with pytest.raises(ValueError, match="--threads"):
             set_num_threads(parser.parse_args(["--threads", "0"]), {})

@@ -249,10 +249,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser):
 
 
 def set_num_threads(args, config: dict):
-    """`--threads`, else the config's `torch_num_threads`, else torch's default."""
-    threads = args.threads if args.threads is not None else config.get("torch_num_threads")
-    if threads is not None and int(threads) < 1:
-        raise ValueError(f"--threads (or the config's `torch_num_threads`) must be at least 1, got {threads}")
+    """`--threads`, else the config's `torch_num_threads` (unset or 0: torch's default, as `train` reads it)."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    threads = args.threads or config.get("torch_num_threads")
     if threads:
         torch.set_num_threads(int(threads))
 
