@@ -7,9 +7,8 @@ as plain matrix products (`eager`).
     python benchmarks/bench_stage0_step.py --steps 40 --repeats 5
 
 On a CPU with bf16 instructions, bf16 autocast makes this step slower, not faster: the backward of the fused
-attention kernel is slow in bf16 at these sizes. That is why `examples/train_shapes.sh` runs both stage-0 scripts
-with `--bf16 no`. Rounds alternate between the variants so that a busy machine slows them alike; the best round of
-each is printed.
+attention kernel is slow in bf16 at these sizes (both stage-0 scripts take `--bf16 no`). Rounds alternate between
+the variants so that a busy machine slows them alike; the best round of each is printed.
 """
 
 import argparse
