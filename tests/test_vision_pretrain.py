@@ -318,21 +318,22 @@ def test_bf16_flag_sets_the_stage0_training_precision(tmp_path):
 def test_threads_flag_overrides_the_configs_torch_num_threads():
     import argparse
 
-    from nextchat.training.vision_pretrain import add_runtime_arguments, set_num_threads
+    from nextchat.training.train import set_num_threads
+    from nextchat.training.vision_pretrain import add_runtime_arguments
 
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser)
     before = torch.get_num_threads()
     try:
-        set_num_threads(parser.parse_args(["--threads", "2"]), {"torch_num_threads": 1})
+        set_num_threads({"torch_num_threads": 1}, parser.parse_args(["--threads", "2"]).threads)
         assert torch.get_num_threads() == 2
-        set_num_threads(parser.parse_args([]), {"torch_num_threads": 1})
+        set_num_threads({"torch_num_threads": 1}, parser.parse_args([]).threads)
         assert torch.get_num_threads() == 1
         torch.set_num_threads(3)
-        set_num_threads(parser.parse_args([]), {})  # neither: torch's setting stays
-        set_num_threads(parser.parse_args([]), {"torch_num_threads": 0})  # 0: unset, as `train` reads it
+        set_num_threads({}, parser.parse_args([]).threads)  # neither: torch's setting stays
+        set_num_threads({"torch_num_threads": 0}, parser.parse_args([]).threads)  # 0: unset, as `train` reads it
         assert torch.get_num_threads() == 3
         with pytest.raises(ValueError, match="--threads"):
-            set_num_threads(parser.parse_args(["--threads", "0"]), {})
+            set_num_threads({}, parser.parse_args(["--threads", "0"]).threads)
     finally:
         torch.set_num_threads(before)

@@ -168,11 +168,9 @@ def main(argv=None):
     from ..loss_nextchat import NextChatLossWeights
     from ..sam_nextchat import NextChatSamModel
 
-    from .train import build_processor, leave_process_group, scratch_config
+    from .train import build_processor, leave_process_group, scratch_config, set_num_threads
     from .trainer import NextChatTrainer
-    from .vision_pretrain import (
-        add_runtime_arguments, freeze_unreached_parameters, set_num_threads, stage0_training_args,
-    )
+    from .vision_pretrain import add_runtime_arguments, freeze_unreached_parameters, stage0_training_args
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.sam_pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +193,7 @@ def main(argv=None):
     with open(args.config, encoding="utf-8") as f:
         config = json.load(f)
     root = os.path.dirname(os.path.abspath(args.config))
-    set_num_threads(args, config)
+    set_num_threads(config, args.threads)
     model_spec = config["model"]
     if "scratch" not in model_spec:
         raise ValueError("SAM pretraining needs a config whose `model` has a `scratch` section")

@@ -248,15 +248,6 @@ def add_runtime_arguments(parser: argparse.ArgumentParser):
                         help="torch threads per process (default: the config's `torch_num_threads`, else torch's)")
 
 
-def set_num_threads(args, config: dict):
-    """`--threads`, else the config's `torch_num_threads` (unset or 0: torch's default, as `train` reads it)."""
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    threads = args.threads or config.get("torch_num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
 def stage0_training_args(args, warmup_steps: int, **overrides):
     """`TrainingArguments` of a stage-0 run (this module's or `sam_pretrain`'s) from its parsed command line
     (`output_dir`, `batch_size`, `learning_rate`, `max_steps`, `logging_steps`, `bf16`): cosine decay over a fixed
@@ -279,7 +270,7 @@ def main(argv=None):
 
     from .data import CachedDataset
     from .synthetic import COLORS, SHAPES
-    from .train import leave_process_group
+    from .train import leave_process_group, set_num_threads
     from .trainer import NextChatTrainer
 
     parser = argparse.ArgumentParser(prog="python -m nextchat.training.vision_pretrain", description=__doc__,
@@ -308,7 +299,7 @@ def main(argv=None):
     with open(args.config, encoding="utf-8") as f:
         config = json.load(f)
     root = os.path.dirname(os.path.abspath(args.config))
-    set_num_threads(args, config)
+    set_num_threads(config, args.threads)
     tower, processor, nextchat_config = build_vision_tower(config, root)
     classifier = PatchClassifier(tower, len(COLORS) * len(SHAPES) + 1, nextchat_config.vision_feature_layer,
                                  box_loss_weight=args.box_loss_weight)
