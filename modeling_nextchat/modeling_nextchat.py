@@ -19,7 +19,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration.configuration_nextchat import NextChatConfig
 from .generation_nextchat import NextChatGenerationMixin, TriggerState
-from .loss_nextchat import NextChatLossWeights, answer_box_slots, check_label_inputs, compute_losses
+from .loss_nextchat import (
+    IGNORE_INDEX,
+    NextChatLossWeights,
+    answer_box_slots,
+    check_label_inputs,
+    compute_losses,
+    lm_targets,
+)
 
 
 # Keyword arguments that travel from `forward` to the language model (transformers' own per-call options).
@@ -70,7 +77,8 @@ class NextChatCausalLMOutputWithPast(ModelOutput):
     """
     Args:
         loss (`torch.FloatTensor` of shape `()`): weighted sum of the terms below that apply.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): None in a training-mode
+            forward with `labels` when the model's `logits_in_training` is "targets".
         cache (`Cache`): the key/value cache (also readable as `past_key_values`, transformers' older name).
         hidden_states, attentions: as returned by the language model when asked for.
         image_outputs (`BaseModelOutputWithPooling`): `get_image_features` of the images, when `pixel_values` were
@@ -391,6 +399,10 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         # the box SAM is prompted with in training: "predicted" (the original's: the trigger's decoded box) or
         # "target" (an answer trigger's ground-truth box, for a SAM trained from scratch); generation: predicted
         self.sam_box_prompt = "predicted"
+        # where a training forward with `labels` computes the LM head: "all" positions (`logits` of the whole
+        # sequence), or only the "targets" (positions with an LM target; `logits` is then None): on a small model
+        # most positions are image patches and prompt, and the head's product is a large share of the step
+        self.logits_in_training = "all"
         self.post_init()
 
     def get_input_embeddings(self):
@@ -544,11 +556,17 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         )
         hidden_states = outputs.last_hidden_state
         new_cache = outputs.cache
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        if self.logits_in_training not in ("all", "targets"):
+            raise ValueError(f"`logits_in_training` must be 'all' or 'targets', got {self.logits_in_training!r}")
+        logits = target_logits = None
+        if labels is not None and self.training and self.logits_in_training == "targets":
+            targets = lm_targets(labels, shift_labels, self.config.box_token_id)
+            targeted = targets != IGNORE_INDEX
+            target_logits = (self.lm_head(hidden_states[targeted]), targets[targeted])
+        elif isinstance(logits_to_keep, int):
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         else:
-            kept = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(kept)
+            logits = self.lm_head(hidden_states[:, logits_to_keep])
 
         trigger_positions = torch.nonzero(input_ids == self.config.trigger_token_id)
         trigger_hidden = hidden_states[trigger_positions[:, 0], trigger_positions[:, 1]]
@@ -589,7 +607,8 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
         )
         if labels is not None:
             inputs = dict(input_ids=input_ids, labels=labels, box_inputs=box_inputs, box_inputs_mask=box_inputs_mask,
-                          mask_targets=mask_targets, sam_pixel_values=sam_pixel_values, shift_labels=shift_labels)
+                          mask_targets=mask_targets, sam_pixel_values=sam_pixel_values, shift_labels=shift_labels,
+                          target_logits=target_logits)
             compute_losses(self, output, inputs, answers, trigger_hidden, num_items_in_batch)
         return output
 

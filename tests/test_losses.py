@@ -193,3 +193,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(gradients(model))
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_logits_at_targets_only_give_the_same_loss_and_gradients():
+    """`logits_in_training="targets"` computes the LM head only where there is an LM target: the loss and every
+    gradient equal the full head's; `logits` is None in training and whole in eval mode."""
+    inputs = batch_inputs([(SAMPLE, SAMPLE_BOXES, len(PROMPT)), (SHORT, SHORT_BOXES, len(SHORT) - 4)])
+    results = {}
+    for where in ("all", "targets"):
+        model = tiny_model(sam=False, seed=6)
+        model.train()
+        model.logits_in_training = where
+        out = model(**inputs)
+        out.loss.backward()
+        results[where] = (out, gradients(model))
+        if where == "targets":
+            assert out.logits is None
+            model.eval()
+            assert model(**inputs).logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+            model.logits_in_training = "some"
+            with pytest.raises(ValueError, match="logits_in_training"):
+                model(**inputs)
+    (full, full_grads), (trimmed, trimmed_grads) = results["all"], results["targets"]
+    # the reference: the mean cross-entropy over the shifted targets of the full logits, `<boxes>` excluded
+    shifted = inputs["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100)
+    torch.testing.assert_close(trimmed.lm_loss, reference)
+    torch.testing.assert_close(trimmed.loss, full.loss)
+    assert full_grads.keys() == trimmed_grads.keys() and "lm_head.weight" in trimmed_grads
+    for name in full_grads:
+        torch.testing.assert_close(trimmed_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)

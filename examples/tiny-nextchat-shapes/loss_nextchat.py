@@ -215,14 +215,21 @@ def normalisers(local: dict, num_items_in_batch) -> dict:
     return {key: (value.clamp(min=1) if torch.is_tensor(value) else max(value, 1)) for key, value in counts.items()}
 
 
-def lm_loss(logits, labels, shift_labels, box_token_id) -> torch.Tensor:
-    """Summed next-token cross-entropy; `<boxes>` targets are never predicted (the box embedding is fed there)."""
+def lm_targets(labels, shift_labels, box_token_id) -> torch.Tensor:
+    """The target of each position's logits `(batch_size, sequence_length)`, `IGNORE_INDEX` where there is none:
+    `shift_labels`, or `labels` shifted by one; `<boxes>` targets are never predicted (the box embedding is fed
+    there)."""
     if shift_labels is None:
         shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-    shift_labels = shift_labels.masked_fill(shift_labels == box_token_id, IGNORE_INDEX).to(logits.device)
+    return shift_labels.masked_fill(shift_labels == box_token_id, IGNORE_INDEX)
+
+
+def lm_loss(logits, labels, shift_labels, box_token_id) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions with a target (`lm_targets`)."""
+    targets = lm_targets(labels, shift_labels, box_token_id).to(logits.device)
     # only the positions with a target: a softmax over the image patches and the prompt would be thrown away
-    targeted = shift_labels != IGNORE_INDEX
-    return F.cross_entropy(logits[targeted].float(), shift_labels[targeted], reduction="sum")
+    targeted = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[targeted].float(), targets[targeted], reduction="sum")
 
 
 def compute_losses(model, output, inputs: dict, answers, trigger_hidden, num_items_in_batch=None):
@@ -232,7 +239,9 @@ def compute_losses(model, output, inputs: dict, answers, trigger_hidden, num_ite
     Args:
         model: the `NextChatForConditionalGeneration` (its `loc_encoder` and `decode_boxes` give the cycle terms).
         inputs: `input_ids`, `labels`, `box_inputs`, `box_inputs_mask`, `mask_targets`, `sam_pixel_values` and
-            `shift_labels` of the forward call (None where not given).
+            `shift_labels` of the forward call (None where not given); `target_logits`, optionally: `(logits
+            (n, vocab_size), targets (n,))` at the positions with an LM target, where the forward computed the LM
+            head only there (`output.logits` is then None).
         answers: `(assistant, slots)`: which triggers are answer triggers `(K,)` and the `(row, slot)` of the box
             each is trained on `(n_answer, 2)` (None without answer triggers).
         trigger_hidden: `(K, hidden_size)` final-norm hidden states at the triggers.
@@ -245,7 +254,12 @@ def compute_losses(model, output, inputs: dict, answers, trigger_hidden, num_ite
                              config.box_token_id, shift_labels=inputs["shift_labels"])
     divisors = normalisers(local, num_items_in_batch)
 
-    output.lm_loss = lm_loss(output.logits, labels, inputs["shift_labels"], config.box_token_id) / divisors["tokens"]
+    if inputs.get("target_logits") is not None:  # the LM head was computed at the targets only
+        logits, targets = inputs["target_logits"]
+        summed = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    else:
+        summed = lm_loss(output.logits, labels, inputs["shift_labels"], config.box_token_id)
+    output.lm_loss = summed / divisors["tokens"]
     total = weights.lm_loss_weight * output.lm_loss
 
     assistant, slots = answers
