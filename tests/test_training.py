@@ -613,12 +613,15 @@ def test_grounding_attention_term_trains_through_the_entry_point(tmp_path):
     config = attention_term_config({"grounding_weight": 1.0, "layers": [-1]})
     for bad, message in (({"training_config": {"box_decoder_activation": None}}, "training_config"),
                          ({"training_config": {"sam_box_prompt": "ground-truth"}}, "sam_box_prompt"),
+                         ({"training_config": {"logits_in_training": "some"}}, "logits_in_training"),
                          ({"loss_weights": {"grounding_attention_loss_weight": 1.0}}, "attention_supervision"),
                          ({"attention_supervision": {"grounding_weight": 1.0, "layers": [5]}}, "layers")):
         with pytest.raises(ValueError, match=message):
             run({**config, **bad}, root=str(tmp_path))
-    trainer, model, _ = run({**config, "training_config": {"sam_box_prompt": "target"}}, root=str(tmp_path))
-    assert model.sam_box_prompt == "target" and not hasattr(model.config, "sam_box_prompt")  # a training option
+    options = {"sam_box_prompt": "target", "logits_in_training": "targets"}
+    trainer, model, _ = run({**config, "training_config": options}, root=str(tmp_path))
+    for name, value in options.items():  # training options: set on the model, never in its config
+        assert getattr(model, name) == value and not hasattr(model.config, name)
     assert model.attention_supervision.layers == [-1]
     assert model.model.language_model.config._attn_implementation == "eager"
     terms = [h["grounding_attention_loss"] for h in trainer.state.log_history if "grounding_attention_loss" in h]
@@ -959,4 +962,34 @@ def test_cache_samples_gives_the_same_weights_over_several_epochs(tmp_path):
              "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))
     with pytest.raises(ValueError, match="cache_samples"):
         run({**config, "data": {**config["data"], "cache_samples": "yes"},
+             "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))
+
+
+def test_cache_vision_features_trains_as_the_tower_does(tmp_path):
+    """`data.cache_vision_features`: with CLIP frozen (stage "stage2"), three epochs over 8 samples run the tower
+    on each image once and end with the losses and weights of the run that runs it at every step; a stage that
+    trains the tower is refused."""
+    from nextchat.training.train import run
+
+    config = {**_full_stage_config(num=8, max_steps=6), "stage": "stage2"}
+    results = {}
+    for name, cache in (("plain", False), ("cached", True)):
+        trainer, model, _ = run({**config, "data": {**config["data"], "cache_vision_features": cache},
+                                 "training_args": {**config["training_args"], "output_dir": name}},
+                                root=str(tmp_path))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        results[name] = (losses, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert "forward" not in vars(model.model.vision_tower)  # detached after training
+    cache = trainer.vision_feature_cache
+    assert cache.computed == 8 and len(cache.store) == 8  # 6 steps of 4: each of the 8 images once
+    (plain_losses, plain_state), (cached_losses, cached_state) = results["plain"], results["cached"]
+    assert len(plain_losses) == 6 and plain_losses[0] != plain_losses[-1]
+    assert cached_losses == pytest.approx(plain_losses, rel=1e-5)
+    for key, value in plain_state.items():
+        torch.testing.assert_close(cached_state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        run({**config, "stage": "full", "data": {**config["data"], "cache_vision_features": True},
+             "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))
+    with pytest.raises(ValueError, match="cache_vision_features"):
+        run({**config, "data": {**config["data"], "cache_vision_features": "yes"},
              "training_args": {**config["training_args"], "output_dir": "bad"}}, root=str(tmp_path))

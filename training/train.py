@@ -23,8 +23,9 @@ Config keys (see `training/configs/*.json` for complete examples):
                                                  # arguments, never taken from nor saved in config.json)
   "attention_supervision": {"grounding_weight": 1.0, "grounding_heads": [0, 1, 2], ...},   # optional:
                                                  # the training-only attention terms (AttentionSupervision kwargs)
-  "training_config": {"sam_box_prompt": "target"},   # optional: the model's training options (attributes, like
-                                                 # its loss weights never saved in config.json)
+  "training_config": {"sam_box_prompt": "target",   # optional: the model's training options (attributes, like
+                      "logits_in_training": "targets"},   # its loss weights never saved in config.json); "targets":
+                                                 # the LM head only where there is an LM target (no `logits` out)
   "lora": {"r": 8, "lora_alpha": 16, ...},            # optional: PEFT LoRA on the language model only
   "data": {
     "train": "train.jsonl" | [..],               # JSONL files (format: nextchat.training.synthetic docstring)
@@ -39,6 +40,8 @@ Config keys (see `training/configs/*.json` for complete examples):
     "cache_samples": true                        # optional: keep each prepared sample in memory for later epochs
                                                  # (CachedDataset; the same tensors, so the same weights; with
                                                  # dataloader workers, needs dataloader_persistent_workers)
+    "cache_vision_features": true                # optional: a frozen vision tower computes each image's features
+                                                 # once, later epochs reuse them (VisionFeatureCache)
   },
   "training_args": {TrainingArguments kwargs; "bf16": "auto" = bf16 where the hardware computes it natively},
   "output_model_dir": "path",                    # optional: save_pretrained model (merged LoRA) + processor here
@@ -57,8 +60,9 @@ import sys
 
 import torch
 
-# training options a config's "training_config" may set on the model it trains (model attributes, not config)
-TRAINING_CONFIG_FIELDS = ("sam_box_prompt",)
+# training options a config's "training_config" may set on the model it trains (model attributes, not config),
+# with the values each takes
+TRAINING_CONFIG_CHOICES = {"sam_box_prompt": ("predicted", "target"), "logits_in_training": ("all", "targets")}
 
 
 def _resolve(path, root):
@@ -234,6 +238,7 @@ def run(config: dict, root: str = "."):
     from .attention_supervision import AttentionSupervision
     from .presets import apply_lora, apply_stage_preset
     from .trainer import NextChatTrainer
+    from .vision_feature_cache import VisionFeatureCache
 
     set_num_threads(config)
     model_spec = config["model"]
@@ -257,13 +262,20 @@ def run(config: dict, root: str = "."):
             )
         setattr(weights, name, float(value))
     for name, value in (config.get("training_config") or {}).items():
-        if name not in TRAINING_CONFIG_FIELDS:
-            raise ValueError(f"config: `training_config` takes {TRAINING_CONFIG_FIELDS}, got {name!r}")
-        if name == "sam_box_prompt" and value not in ("predicted", "target"):
-            raise ValueError(f"config: `training_config.sam_box_prompt` must be 'predicted' or 'target', got {value!r}")
+        if name not in TRAINING_CONFIG_CHOICES:
+            raise ValueError(f"config: `training_config` takes {tuple(TRAINING_CONFIG_CHOICES)}, got {name!r}")
+        if value not in TRAINING_CONFIG_CHOICES[name]:
+            raise ValueError(
+                f"config: `training_config.{name}` must be one of {TRAINING_CONFIG_CHOICES[name]}, got {value!r}"
+            )
         setattr(model, name, value)
     if config.get("attention_supervision"):
         AttentionSupervision(**config["attention_supervision"]).attach(model)
+    feature_cache = data_spec.get("cache_vision_features", False)
+    if not isinstance(feature_cache, bool):
+        raise ValueError(f"config: `data.cache_vision_features` must be true or false, got {feature_cache!r}")
+    if feature_cache:  # raises unless the stage froze the tower
+        feature_cache = VisionFeatureCache(model.model.vision_tower).attach()
     if config.get("lora"):
         model = apply_lora(model, **config["lora"])
         if pretrained:  # the adapter names its base by absolute path (or Hub id): it loads from anywhere
@@ -315,7 +327,10 @@ def run(config: dict, root: str = "."):
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=NextChatDataCollator.from_processor(processor), callbacks=callbacks,
     )
+    trainer.vision_feature_cache = feature_cache or None  # detached after training; kept for its counts
     trainer.train(resume_from_checkpoint=config.get("resume_from_checkpoint"))
+    if feature_cache:
+        feature_cache.detach()
     if args.should_save:
         processor.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
