@@ -1,15 +1,19 @@
 """Seconds per training step of the shapes recipe's phase 1 (`training/configs/shapes_tiny.json`: the tiny model
-from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on), one process, one thread,
-on the same pre-drawn batches, against baselines and variants measured in the same run:
+from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on, the LM head only at the
+positions with a target, the frozen tower's features computed once), one process, one thread, on the same
+pre-drawn batches, against baselines and variants measured in the same run:
 
-* `all positions`: the same step with the language-model loss taken over every position (image patches and prompt
+* `tower each step`: the same step with the vision tower run at every step, as without `data.cache_vision_features`;
+* `all logits`: the same step with the LM head over every position (`logits_in_training` "all"), the tower cached;
+* `neither`: both of the above, the step before these two options;
+* `all positions`: as `neither`, with the language-model loss taken over every position (image patches and prompt
   included), as `lm_loss` did before it kept only the positions that have a target;
-* `length-grouped`: the same step on the same samples, batched by length (`length_grouped_order`, as
+* `length-grouped`: the recipe's step on the same samples, batched by length (`length_grouped_order`, as
   `data.length_grouping_window` reads them) instead of in file order;
 * `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
   no box heads, no attention terms), the floor of what a step of this size costs.
 
-    python benchmarks/bench_train_step.py                 # ~1 minute on a 2-core CPU
+    python benchmarks/bench_train_step.py                 # ~2 minutes on a 2-core CPU
     python benchmarks/bench_train_step.py --steps 10 --repeats 5
 
 Rounds alternate between the variants so that a busy machine slows them alike; the best round of each is printed.
@@ -29,6 +33,7 @@ import nextchat.loss_nextchat as loss_nextchat
 from nextchat.training import synthetic
 from nextchat.training.data import length_grouped_order
 from nextchat.training.train import run
+from nextchat.training.vision_feature_cache import VisionFeatureCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,16 +89,29 @@ def main():
         llama_optimizer.zero_grad()
 
     shipped_lm_loss = loss_nextchat.lm_loss
+    cache = VisionFeatureCache(model.model.vision_tower)
+    with torch.no_grad():  # every timed image computed once, as from phase 1's second epoch on
+        for batch in batches + grouped:
+            cache(batch["pixel_values"], output_hidden_states=[model.config.vision_feature_layer])
+    # name: (step, lm_loss, batches, logits_in_training, tower features cached)
     variants = {
-        "NExT-Chat step": (nextchat_step, shipped_lm_loss, batches[1:]),
-        "all positions": (nextchat_step, lm_loss_over_every_position, batches[1:]),
-        "length-grouped": (nextchat_step, shipped_lm_loss, grouped),
-        "plain LLaMA": (llama_step, shipped_lm_loss, batches[1:]),
+        "NExT-Chat step": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
+        "tower each step": (nextchat_step, shipped_lm_loss, batches[1:], "targets", False),
+        "all logits": (nextchat_step, shipped_lm_loss, batches[1:], "all", True),
+        "neither": (nextchat_step, shipped_lm_loss, batches[1:], "all", False),
+        "all positions": (nextchat_step, lm_loss_over_every_position, batches[1:], "all", False),
+        "length-grouped": (nextchat_step, shipped_lm_loss, grouped, "targets", True),
+        "plain LLaMA": (llama_step, shipped_lm_loss, batches[1:], "targets", False),
     }
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(args.repeats):
-        for name, (step, lm_loss, timed) in variants.items():
+        for name, (step, lm_loss, timed, logits, cached) in variants.items():
             loss_nextchat.lm_loss = lm_loss
+            model.logits_in_training = logits
+            if cached:
+                cache.attach()
+            else:
+                cache.detach()
             step(batches[0])  # warm-up
             start = time.perf_counter()
             for batch in timed:
