@@ -560,7 +560,7 @@ class NextChatForConditionalGeneration(NextChatGenerationMixin, NextChatPreTrain
             raise ValueError(f"`logits_in_training` must be 'all' or 'targets', got {self.logits_in_training!r}")
         logits = target_logits = None
         if labels is not None and self.training and self.logits_in_training == "targets":
-            targets = lm_targets(labels, shift_labels, self.config.box_token_id)
+            targets = lm_targets(labels, shift_labels, self.config.box_token_id).to(hidden_states.device)
             targeted = targets != IGNORE_INDEX
             target_logits = (self.lm_head(hidden_states[targeted]), targets[targeted])
         elif isinstance(logits_to_keep, int):
