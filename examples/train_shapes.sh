@@ -4,43 +4,39 @@
 #
 #   bash examples/train_shapes.sh            # outputs under ./runs (override with RUNS=/some/dir)
 #   VISION_STEPS=50 SAM_STEPS=5 PHASE1_STEPS=20 PHASE2_STEPS=10 bash examples/train_shapes.sh   # a quick check
-#   Other variables: SEED (phase 1's model seed, default 4), NPROC (the number of cores: processes of the largest
-#   data writer and of phases 1 and 2; default 2), PYTHON (the interpreter, default python).
+#   Other variables: SEED (phase 1's model seed, default 4), NPROC (the number of cores: processes of the data
+#   step, of stage 0 and of phases 1 and 2, threads of the SAM stage; default 2), PYTHON (the interpreter, default
+#   python).
 #
-# First, at the same time (none needs another; each one's output goes to $RUNS/shapes_tiny/logs/NAME.log):
-# * Data (three writers): a warm-up section of lone objects (5k "where is X" samples), then 40k scenes of 2-3
-#   objects (a fifth alone) whose questions are worded in the ten training phrasing families; 30% of rec/res turns
-#   ask about an absent object ("There is no purple circle."), 20% name their target by a relation, half the
-#   conversations have two turns of different tasks; grounded captions list their objects by name; and 10k
-#   segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
-#   The model sees the 64-px images at 48 px (a 6 x 6 grid of 8-px patches; model.processor.shapes.image_size in
-#   training/configs/shapes_tiny.json), SAM at 64.
-# * Stage 0 (4000 steps of 16, one process, one thread, float32): the vision tower alone learns to name the object
-#   under every patch (colour x shape) and to regress its box, a stand-in for CLIP pretraining
-#   (nextchat/training/vision_pretrain.py), on scenes drawn at 64 px and resized to 48 as the training images are;
-#   each scene is drawn once and kept for its second epoch (--cache-scenes).
-# * SAM stage (400 steps of 16, one process, one thread, float32): SAM alone learns box -> mask on ground-truth
-#   boxes, a stand-in for SAM's pretraining (nextchat/training/sam_pretrain.py).
-# Then:
-# * Phase 1 (stage "stage2", 2800 steps of 2 x 24, from the stage-0 tower): projector, LLaMA and the box heads with
-#   CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first; each sample is
-#   prepared once and kept in memory for the later epochs, `data.cache_samples`, and the frozen tower computes each
-#   image's features once, `data.cache_vision_features`; the LM head runs only where there is a target,
-#   `training_config.logits_in_training`), plus two training-only attention terms (not in the original;
-#   `attention_supervision` in training/configs/shapes_tiny.json): in LLaMA's last layer, heads 0-2 of every answer
-#   trigger, of the position that starts a referring answer (`answer_start`) and of the one that starts a grounded
-#   caption (`caption_start`) are asked to attend to their object's patches (the caption start to all its
-#   objects'); head 3 of every region-caption token, and of the user's <boxes> token that gives the box
-#   (`region_box_token`), to the given box's patches.
-# * Phase 2 (stage "sam", 150 steps of 2 x 16 at 1e-3, from the SAM stage via `model.sam_init`): seg_prompt_mlp and
-#   SAM with everything else frozen, SAM prompted with the ground-truth box in training (generation uses the
-#   predicted one).
-# * The two evaluations, at the same time, one thread each.
-# Phases 1 and 2 run as NPROC data-parallel CPU processes (torchrun, gloo, one thread each) under bf16 autocast where
-# the CPU has bf16 instructions. The two stage-0 scripts run in float32: on CPU, bf16 makes their attention slower
-# (benchmarks/README.md).
+# Data (three writers in parallel, the largest drawing in NPROC processes): a warm-up section of lone objects (5k "where is X" samples),
+# then 40k scenes of 2-3 objects (a fifth alone) whose questions are worded in the ten training phrasing families;
+# 30% of rec/res turns ask about an absent object ("There is no purple circle."), 20% name their target by a
+# relation, half the conversations have two turns of different tasks; grounded captions list their objects by name;
+# and 10k segmentation samples for the mask stage. The held-out families (`postposed`, `indirect`) are never trained on.
+# The model sees the 64-px images at 48 px (a 6 x 6 grid of 8-px patches; model.processor.shapes.image_size in
+# training/configs/shapes_tiny.json), SAM at 64.
+# Stage 0 (4000 steps of 2 x 8): the vision tower alone learns to name the object under every patch (colour x
+# shape) and to regress its box, a stand-in for CLIP pretraining (nextchat/training/vision_pretrain.py), on scenes
+# drawn at 64 px and resized to 48 as the training images are; each scene is drawn once and kept for its second
+# epoch (--cache-scenes).
+# SAM stage (400 steps of 16, one process with NPROC threads, float32): SAM alone learns box -> mask on ground-truth
+# boxes, a stand-in for SAM's pretraining (nextchat/training/sam_pretrain.py).
+# Phase 1 (stage "stage2", 2800 steps of 2 x 32, from the stage-0 tower): projector, LLaMA and the box heads with
+# CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first; each sample is
+# prepared once and kept in memory for the three later epochs, `data.cache_samples`), plus two
+# training-only attention terms (not in the original; `attention_supervision` in training/configs/shapes_tiny.json):
+# in LLaMA's last layer, heads 0-2 of every answer trigger, of the position that starts a referring answer
+# (`answer_start`) and of the one that starts a grounded caption (`caption_start`) are asked to attend to their
+# object's patches (the caption start to all its objects'); head 3 of every region-caption token, and of the user's
+# <boxes> token that gives the box (`region_box_token`), to the given box's patches.
+# Phase 2 (stage "sam", 150 steps of 2 x 16 at 1e-3, from the SAM stage via `model.sam_init`): seg_prompt_mlp and
+# SAM with everything else frozen, SAM prompted with the ground-truth box in training (generation uses the
+# predicted one).
+# Stage 0 and phases 1 and 2 run as NPROC data-parallel CPU processes (torchrun, gloo, one thread each) under bf16
+# autocast where the CPU has bf16 instructions. The SAM stage runs as one process with NPROC threads in float32: its
+# step is one batch through SAM, for which neither a second process nor bf16 pays on CPU (benchmarks/README.md).
 # Every stage runs for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. Training takes about 17 minutes on the 2-core CPU with bf16 instructions it was
+# run is the same run every time. Training takes about 23 minutes on the 2-core CPU with bf16 instructions it was
 # last measured on (about twice as long without them), and the two evaluations about 1.5 more; timings in
 # docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
@@ -52,43 +48,20 @@ RUNS=${RUNS:-$ROOT/runs}
 PY=${PYTHON:-python}
 NPROC=${NPROC:-2}
 DATA=$RUNS/shapes_data
-LOGS=$RUNS/shapes_tiny/logs
-mkdir -p "$LOGS"
 start=$(date +%s)
-background() {  # NAME COMMAND...: runs COMMAND in the background, its output in $LOGS/NAME.log
-    local name=$1
-    shift
-    echo "[train_shapes] $name: started, log $LOGS/$name.log"
-    "$@" >"$LOGS/$name.log" 2>&1 &
-    printf -v "pid_$name" %s $!  # no associative arrays: macOS ships bash 3
-}
-finish() {  # NAME...: waits for these background jobs; stops the script, with the log's end, if one failed
-    local name pid
-    for name in "$@"; do
-        pid="pid_$name"
-        if ! wait "${!pid}"; then
-            echo "[train_shapes] $name FAILED; the end of $LOGS/$name.log:"
-            tail -n 40 "$LOGS/$name.log"
-            kill $(jobs -p) 2>/dev/null || true  # and stop the jobs still running
-            exit 1
-        fi
-        echo "[train_shapes] $name: done at $(($(date +%s) - start)) s"
-    done
-}
-# The data, stage 0 and the SAM stage need nothing of each other: they run at the same time.
-background data_warmup $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 \
-    --tasks rec,res --min-objects 1 --max-objects 1 --max-turns 1 --phrasings train
-background data_train $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 \
-    --single-object-fraction 0.2 --caption-order name --min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train \
-    --absent-fraction 0.3 --relation-fraction 0.2 --workers "$NPROC"
-background data_masks $PY -m nextchat.training.synthetic "$DATA/masks" --num 10000 --seed-start 3000000 --tasks res \
-    --max-turns 1 --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2
-background stage0 $PY -m nextchat.training.vision_pretrain "$ROOT/training/configs/shapes_tiny.json" \
-    "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-4000}" --batch-size 16 --threads 1 --bf16 no \
+$PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
+    --min-objects 1 --max-objects 1 --max-turns 1 --phrasings train &
+$PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 \
+    --caption-order name --min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3 \
+    --relation-fraction 0.2 --workers "$NPROC" &
+$PY -m nextchat.training.synthetic "$DATA/masks" --num 10000 --seed-start 3000000 --tasks res --max-turns 1 \
+    --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2 &
+wait
+$PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
+    "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-4000}" \
     --box-loss-weight 1 --scene-size 64 --cache-scenes
-background sam_stage $PY -m nextchat.training.sam_pretrain "$ROOT/training/configs/shapes_tiny.json" \
-    "$RUNS/shapes_tiny/sam" --max-steps "${SAM_STEPS:-400}" --batch-size 16 --threads 1 --bf16 no
-finish data_warmup data_train data_masks stage0 sam_stage
+$PY -m nextchat.training.sam_pretrain "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/sam" \
+    --max-steps "${SAM_STEPS:-400}" --batch-size 16 --threads "$NPROC" --bf16 no
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.train \
     "$ROOT/training/configs/shapes_tiny.json" \
     --set model.vision_tower_init="\"$RUNS/shapes_tiny/vision_tower\"" \
@@ -104,13 +77,8 @@ $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.trai
     --set training_args.output_dir="\"$RUNS/shapes_tiny/phase2\"" \
     --set output_model_dir="\"$RUNS/shapes_tiny/final\""
 end=$(date +%s)
-echo "[train_shapes] total wall clock of the training (data and every stage): $((end - start)) s"
-# the two evaluations at the same time, one thread each: 300 unseen scenes in the training wordings, and issue
-# 24's evaluation: 1,000 unseen scenes, every object asked, questions in the held-out phrasing families
-OMP_NUM_THREADS=1 background eval_template $PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" \
-    --num 300 --output "$RUNS/shapes_tiny/final_metrics.json"
-OMP_NUM_THREADS=1 background eval_robust $PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" \
-    --num 1000 --robust --output "$RUNS/shapes_tiny/robust_metrics.json"
-finish eval_template eval_robust
-cat "$LOGS/eval_template.log" "$LOGS/eval_robust.log"
-echo "[train_shapes] total wall clock with the evaluations: $(($(date +%s) - start)) s"
+echo "[train_shapes] total wall clock (data and every stage): $((end - start)) s"
+$PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" --num 300 --output "$RUNS/shapes_tiny/final_metrics.json"
+# issue 24's evaluation: 1,000 unseen scenes, every object asked, questions in the held-out phrasing families
+$PY -m nextchat.training.synthetic_eval "$RUNS/shapes_tiny/final" --num 1000 --robust \
+    --output "$RUNS/shapes_tiny/robust_metrics.json"
