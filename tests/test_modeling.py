@@ -198,6 +198,36 @@ def test_one_decoder_pass_for_prompts_of_several_images_equals_segment_anything_
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_one_decoder_pass_gives_the_same_gradients_on_every_run_with_several_threads():
+    """The SAM stage trains on two threads: the gradients of a decoder pass over the prompts of several images must
+    not depend on how the threads add them up (the backward of advanced indexing's gather did, from run to run)."""
+    from nextchat.sam_nextchat import NextChatSamModel
+
+    # the shipped model's SAM size: a 16 x 16 grid of 64 channels, 40 prompts over 16 images, as in a SAM-stage step
+    sam = NextChatSamModel({"encoder_depth": 2, "encoder_embed_dim": 64, "encoder_global_attn_indexes": [1],
+                            "encoder_num_heads": 2, "image_size": 64, "patch_size": 4, "prompt_embed_dim": 64,
+                            "window_size": 8})
+    generator = torch.Generator().manual_seed(0)
+    prompt_dim, size = sam.mask_decoder.transformer_dim, sam.image_embedding_size
+    embeddings = torch.randn(16, prompt_dim, size, size, generator=generator, requires_grad=True)
+    prompts = torch.randn(40, 4, prompt_dim, generator=generator)
+    corners = torch.rand(40, 2, generator=generator) * 40
+    boxes = torch.cat([corners, corners + 4 + torch.rand(40, 2, generator=generator) * 20], dim=1)
+    image_index = torch.randint(0, 16, (40,), generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            masks, iou = sam.decode_masks(embeddings, prompts, boxes, image_index)
+            grads.append(torch.autograd.grad(masks.square().mean() + iou.sum(), embeddings)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0])
+
+
 @torch.no_grad()
 def test_sdpa_and_eager_agree():
     eager = tiny_model(sam=False, seed=3)

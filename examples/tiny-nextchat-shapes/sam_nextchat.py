@@ -115,7 +115,10 @@ class NextChatSamModel(nn.Module):
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(num_prompts, -1, -1), sparse), dim=1)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(dtype)
-        src = image_embeddings[image_index.to(image_embeddings.device)] + dense
+        # index_select, not advanced indexing: on a multi-threaded CPU the backward of `embeddings[index]` (an
+        # accumulating index_put) adds up in an order that changes from run to run, and so would a training run;
+        # index_select's backward does not
+        src = torch.index_select(image_embeddings, 0, image_index.to(image_embeddings.device)) + dense
         pos_src = self.image_positional_embeddings().to(dtype).expand(num_prompts, -1, -1, -1)
         batch, channels, height, width = src.shape
         hidden, src = decoder.transformer(src, pos_src, tokens)
