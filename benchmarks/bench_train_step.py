@@ -1,14 +1,15 @@
 """Seconds per training step of the shapes recipe's phase 1 (`training/configs/shapes_tiny.json`: the tiny model
-from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on, the LM head only at the
-positions with a target, the frozen tower's features computed once), one process, one thread, on the same
+from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on) with the two opt-in options
+that do its work once, the LM head only at the positions with a target (`training_config.logits_in_training`) and
+the frozen tower's features computed once (`data.cache_vision_features`), one process, one thread, on the same
 pre-drawn batches, against baselines and variants measured in the same run:
 
 * `tower each step`: the same step with the vision tower run at every step, as without `data.cache_vision_features`;
 * `all logits`: the same step with the LM head over every position (`logits_in_training` "all"), the tower cached;
-* `neither`: both of the above, the step before these two options;
+* `neither`: both of the above, the recipe's own step (it uses neither option);
 * `all positions`: as `neither`, with the language-model loss taken over every position (image patches and prompt
   included), as `lm_loss` did before it kept only the positions that have a target;
-* `length-grouped`: the recipe's step on the same samples, batched by length (`length_grouped_order`, as
+* `length-grouped`: the step with both options on the same samples, batched by length (`length_grouped_order`, as
   `data.length_grouping_window` reads them) instead of in file order;
 * `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
   no box heads, no attention terms), the floor of what a step of this size costs.
@@ -95,7 +96,7 @@ def main():
             cache(batch["pixel_values"], output_hidden_states=[model.config.vision_feature_layer])
     # name: (step, lm_loss, batches, logits_in_training, tower features cached)
     variants = {
-        "NExT-Chat step": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
+        "both options": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
         "tower each step": (nextchat_step, shipped_lm_loss, batches[1:], "targets", False),
         "all logits": (nextchat_step, shipped_lm_loss, batches[1:], "all", True),
         "neither": (nextchat_step, shipped_lm_loss, batches[1:], "all", False),
@@ -124,7 +125,7 @@ def main():
     real = sum(int(b["attention_mask"].sum()) for b in batches[1:]) / args.steps
     print(f"tokens per timed step: {real:.0f} real; padded to {width[0]:.0f} in file order, {width[1]:.0f} grouped")
     for name, seconds in best.items():
-        print(f"{name:>15}: {seconds:.3f} s/step  ({seconds / best['NExT-Chat step']:.2f} x NExT-Chat step)")
+        print(f"{name:>15}: {seconds:.3f} s/step  ({seconds / best['both options']:.2f} x both options)")
 
 
 if __name__ == "__main__":
