@@ -90,10 +90,10 @@ def main():
         llama_optimizer.zero_grad()
 
     shipped_lm_loss = loss_nextchat.lm_loss
-    cache = VisionFeatureCache(model.model.vision_tower)
+    cache = VisionFeatureCache(model.model.vision_tower).attach()
     with torch.no_grad():  # every timed image computed once, as from phase 1's second epoch on
         for batch in batches + grouped:
-            cache(batch["pixel_values"], output_hidden_states=[model.config.vision_feature_layer])
+            model.get_image_features(batch["pixel_values"])  # the layers the model asks the tower for
     # name: (step, lm_loss, batches, logits_in_training, tower features cached)
     variants = {
         "both options": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
