@@ -1,12 +1,13 @@
 """Seconds per training step of the shapes recipe's phase 1 (`training/configs/shapes_tiny.json`: the tiny model
-from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on) with the two opt-in options
-that do its work once, the LM head only at the positions with a target (`training_config.logits_in_training`) and
-the frozen tower's features computed once (`data.cache_vision_features`), one process, one thread, on the same
-pre-drawn batches, against baselines and variants measured in the same run:
+from scratch, bf16 autocast where the CPU has bf16 instructions, the attention terms on) with the two options
+that do its work once (the recipe uses both), the LM head only at the positions with a target
+(`training_config.logits_in_training`) and the frozen tower's features computed once
+(`data.cache_vision_features`), one process, one thread, on the same pre-drawn batches, against baselines and
+variants measured in the same run:
 
 * `tower each step`: the same step with the vision tower run at every step, as without `data.cache_vision_features`;
 * `all logits`: the same step with the LM head over every position (`logits_in_training` "all"), the tower cached;
-* `neither`: both of the above, the recipe's own step (it uses neither option);
+* `neither`: both of the above, the recipe's step before it took the two options;
 * `all positions`: as `neither`, with the language-model loss taken over every position (image patches and prompt
   included), as `lm_loss` did before it kept only the positions that have a target;
 * `length-grouped`: the step with both options on the same samples, batched by length (`length_grouped_order`, as

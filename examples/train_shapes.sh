@@ -23,7 +23,9 @@
 # boxes, a stand-in for SAM's pretraining (nextchat/training/sam_pretrain.py).
 # Phase 1 (stage "stage2", 2800 steps of 2 x 32, from the stage-0 tower): projector, LLaMA and the box heads with
 # CLIP frozen, as in the original's stages 1-2, reading the data in file order (the warm-up first; each sample is
-# prepared once and kept in memory for the three later epochs, `data.cache_samples`), plus two
+# prepared once and kept in memory for the three later epochs, `data.cache_samples`; the frozen tower's features of
+# each image computed once, `data.cache_vision_features`; the LM head computed only at the positions that have a
+# target, `training_config.logits_in_training`), plus two
 # training-only attention terms (not in the original; `attention_supervision` in training/configs/shapes_tiny.json):
 # in LLaMA's last layer, heads 0-2 of every answer trigger, of the position that starts a referring answer
 # (`answer_start`) and of the one that starts a grounded caption (`caption_start`) are asked to attend to their
@@ -36,7 +38,7 @@
 # autocast where the CPU has bf16 instructions. The SAM stage runs as one process with NPROC threads in float32: its
 # step is one batch through SAM, for which neither a second process nor bf16 pays on CPU (benchmarks/README.md).
 # Every stage runs for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. Training takes about 23 minutes on the 2-core CPU with bf16 instructions it was
+# run is the same run every time. Training takes about 22 minutes on the 2-core CPU with bf16 instructions it was
 # last measured on (about twice as long without them), and the two evaluations about 1.5 more; timings in
 # docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
