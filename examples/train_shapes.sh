@@ -50,15 +50,19 @@ RUNS=${RUNS:-$ROOT/runs}
 PY=${PYTHON:-python}
 NPROC=${NPROC:-2}
 DATA=$RUNS/shapes_data
+wait_all() { for pid in "$@"; do wait "$pid"; done; }  # stops the script if any of them failed
 start=$(date +%s)
 $PY -m nextchat.training.synthetic "$DATA/warmup" --num 5000 --seed-start 2000000 --tasks rec,res \
     --min-objects 1 --max-objects 1 --max-turns 1 --phrasings train &
+warmup=$!
 $PY -m nextchat.training.synthetic "$DATA/train" --num 40000 --seed-start 0 --single-object-fraction 0.2 \
     --caption-order name --min-turns 1 --max-turns 2 --mix-turn-tasks --phrasings train --absent-fraction 0.3 \
     --relation-fraction 0.2 --workers "$NPROC" &
+train=$!
 $PY -m nextchat.training.synthetic "$DATA/masks" --num 10000 --seed-start 3000000 --tasks res --max-turns 1 \
     --single-object-fraction 0.2 --phrasings train --relation-fraction 0.2 &
-wait
+masks=$!
+wait_all $warmup $train $masks
 $PY -m torch.distributed.run --nproc_per_node "$NPROC" -m nextchat.training.vision_pretrain \
     "$ROOT/training/configs/shapes_tiny.json" "$RUNS/shapes_tiny/vision_tower" --max-steps "${VISION_STEPS:-4000}" \
     --box-loss-weight 1 --scene-size 64 --cache-scenes
