@@ -12,6 +12,8 @@ variants measured in the same run:
   included), as `lm_loss` did before it kept only the positions that have a target;
 * `length-grouped`: the step with both options on the same samples, batched by length (`length_grouped_order`, as
   `data.length_grouping_window` reads them) instead of in file order;
+* `two layers`: the step with both options of the same model with a language model of two layers instead of three
+  (the attention terms in its last layer), on the same batches;
 * `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
   no box heads, no attention terms), the floor of what a step of this size costs.
 
@@ -22,6 +24,7 @@ Rounds alternate between the variants so that a busy machine slows them alike; t
 """
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -67,6 +70,11 @@ def main():
                                        dataloader_persistent_workers=False, report_to="none")
         config["output_model_dir"] = None
         trainer, model, _ = run(config, root=os.path.join(ROOT, "training", "configs"))
+        shallow_config = copy.deepcopy(config)
+        shallow_config["model"]["scratch"]["text_config"]["num_hidden_layers"] = 2
+        shallow_config["attention_supervision"]["layers"] = [-1]
+        shallow_config["training_args"]["output_dir"] = os.path.join(tmp, "out-two-layers")
+        shallow_trainer, shallow, _ = run(shallow_config, root=os.path.join(ROOT, "training", "configs"))
         batches = list(trainer.get_train_dataloader())[: args.steps + 1]
         # the timed batches' samples again, in batches of like length (`data.length_grouping_window`)
         size = config["training_args"]["per_device_train_batch_size"]
@@ -75,12 +83,16 @@ def main():
         grouped = [trainer.data_collator([samples[i] for i in order[k : k + size]])
                    for k in range(0, len(order), size)]
     model.train()
+    shallow.train()
     llama = LlamaForCausalLM(model.config.text_config).train()
     llama_optimizer = torch.optim.AdamW(llama.parameters(), lr=1e-4)
     autocast = trainer.args.bf16
 
     def nextchat_step(batch):
         trainer.training_step(model, batch)
+
+    def two_layer_step(batch):
+        shallow_trainer.training_step(shallow, batch)
 
     def llama_step(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -92,9 +104,12 @@ def main():
 
     shipped_lm_loss = loss_nextchat.lm_loss
     cache = VisionFeatureCache(model.model.vision_tower).attach()
+    VisionFeatureCache(shallow.model.vision_tower).attach()
     with torch.no_grad():  # every timed image computed once, as from phase 1's second epoch on
         for batch in batches + grouped:
             model.get_image_features(batch["pixel_values"])  # the layers the model asks the tower for
+        for batch in batches:
+            shallow.get_image_features(batch["pixel_values"])
     # name: (step, lm_loss, batches, logits_in_training, tower features cached)
     variants = {
         "both options": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
@@ -103,6 +118,7 @@ def main():
         "neither": (nextchat_step, shipped_lm_loss, batches[1:], "all", False),
         "all positions": (nextchat_step, lm_loss_over_every_position, batches[1:], "all", False),
         "length-grouped": (nextchat_step, shipped_lm_loss, grouped, "targets", True),
+        "two layers": (two_layer_step, shipped_lm_loss, batches[1:], "targets", True),
         "plain LLaMA": (llama_step, shipped_lm_loss, batches[1:], "targets", False),
     }
     best = dict.fromkeys(variants, float("inf"))
