@@ -25,6 +25,7 @@ from nextchat.training.synthetic import (
     make_sample,
     relational_phrases,
     render_scene,
+    scramble_words,
     task_corpus,
     write_dataset,
 )
@@ -457,6 +458,62 @@ def test_mix_turn_tasks_never_repeats_a_task_in_consecutive_turns():
         _, default = make_sample(seed, max_turns=4, min_turns=4)
         repeats_default += any(a == b for a, b in zip(default["task"], default["task"][1:]))
     assert repeats_default > 30  # without the option, repeats are common
+
+
+def test_scramble_words_permutes_the_words_and_keeps_the_closing_mark():
+    rng = np.random.default_rng(0)
+    orders = set()
+    for _ in range(50):
+        out = scramble_words("Where is the red circle?", rng)
+        assert out.endswith("?") and not out[:-1].endswith("?")
+        assert sorted(out[:-1].split()) == sorted(["Where", "is", "the", "red", "circle"])
+        orders.add(out)
+    assert len(orders) > 20  # 5! = 120 orders: the draw really varies
+    assert sorted(scramble_words("Given [0], name the object.", rng)[:-1].split()) == \
+        sorted(["Given", "[0],", "name", "the", "object"])
+    assert scramble_words("segment red diamond", np.random.default_rng(1)).count(" ") == 2  # no mark: none added
+    assert scramble_words("[1]?", rng) == "[1]?"
+
+
+def test_scramble_fraction_reorders_only_the_questions_and_leaves_the_rest_of_the_sample():
+    options = dict(max_turns=2, phrasings="train", absent_fraction=0.3, relation_fraction=0.3, mix_turn_tasks=True)
+    scrambled = relations = 0
+    for seed in range(150):
+        _, plain = make_sample(seed, **options)
+        _, noisy = make_sample(seed, scramble_fraction=1.0, **options)
+        assert noisy["boxes"] == plain["boxes"] and noisy["task"] == plain["task"]
+        assert noisy["conversations"][1::2] == plain["conversations"][1::2]  # answers never change
+        for p, n, q in zip(plain["conversations"][::2], noisy["conversations"][::2], noisy["queries"]):
+            if "relation" in q:  # a relation's words keep their order
+                relations += 1
+                assert n == p and "scrambled" not in q
+            elif q.pop("scrambled", False):
+                scrambled += 1
+                assert n["content"][-1] == p["content"][-1] or p["content"][-1] not in "?."
+                words = [sorted((t[:-1] if t[-1] in "?." else t).split()) for t in (n["content"], p["content"])]
+                assert words[0] == words[1]
+                assert n["content"].startswith("<image> ") == p["content"].startswith("<image> ")
+        assert noisy["queries"] == plain["queries"]  # the "scrambled" marks popped: the same queries
+    assert scrambled > 150 and relations > 10
+    # a fraction: about that share of the questions; 0 (the default) leaves the samples as they were
+    shares = [q.get("scrambled", False) for seed in range(400)
+              for q in make_sample(seed, scramble_fraction=0.2, **options)[1]["queries"] if "relation" not in q]
+    assert abs(np.mean(shares) - 0.2) < 0.05
+    assert make_sample(7, scramble_fraction=0.0, **options)[1] == make_sample(7, **options)[1]
+    with pytest.raises(ValueError, match="scramble_fraction"):
+        make_sample(0, scramble_fraction=1.5)
+
+
+def test_scramble_option_on_the_command_line(tmp_path, capsys):
+    synthetic_main([str(tmp_path / "a"), "--num", "6", "--max-turns", "2", "--phrasings", "train",
+                    "--scramble-fraction", "0.5"])
+    records = [json.loads(line) for line in open(tmp_path / "a" / "data.jsonl")]
+    for record in records:
+        assert record == {**make_sample(record["seed"], max_turns=2, phrasings="train", scramble_fraction=0.5)[1],
+                          "image": record["image"]}
+    with pytest.raises(SystemExit):
+        synthetic_main([str(tmp_path / "b"), "--scramble-fraction", "2"])
+    assert "--scramble-fraction must be in [0, 1]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------

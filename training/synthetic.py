@@ -41,6 +41,9 @@ Opt-in variations (issue 24; none of them changes the default output of any seed
   the scene, on different objects, where the scene has such a pair (drawn among all hard pairs, about one in ten is).
 * ``relation_fraction``: that fraction of the rec/res turns refers to its target by relation when that is
   unambiguous: "Where is the left one of the two red shapes?" -> "The red circle [0]." (:func:`relational_phrases`).
+* ``scramble_fraction``: that fraction of the questions (relations excepted) has its words in a random order, its
+  closing mark kept: "Where is the red circle?" -> "red Where circle the is?" (:func:`scramble_words`), so that the
+  words that tell the task, not their order, decide it. The answers do not change.
 * ``mix_turn_tasks``: in a conversation of several turns (``max_turns`` > 1), each turn's task differs from the
   previous turn's (without it, each turn draws its task independently, so repeats are common).
 * ``task_corpus(phrasings=True)`` / ``build_shapes_tokenizer(phrasings=True)``: a tokenizer whose merges also cover
@@ -295,6 +298,16 @@ def absent_attributes(objects: list[dict], rng: np.random.Generator, shapes=SHAP
     return pool[int(rng.integers(len(pool)))]
 
 
+def scramble_words(text: str, rng: np.random.Generator) -> str:
+    """`text` with its words (runs of non-space characters, a box reference "[0]" one of them) in a random order
+    drawn from `rng`, its closing "?" or "." kept at the end: "Where is the red circle?" -> "red Where circle the
+    is?". A question names at most one colour and one shape, so any order still names the same object; relations
+    ("the left one of the two red shapes") are never scrambled (:func:`make_sample`)."""
+    end = text[-1] if text and text[-1] in "?." else ""
+    words = (text[:-1] if end else text).split()
+    return " ".join(words[i] for i in rng.permutation(len(words))) + end
+
+
 def absent_answer(color: str, shape: str) -> str:
     return f"There is no {color} {shape}."
 
@@ -506,7 +519,7 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
                 task_weights: dict | None = None, caption_order: str = "random", phrasings=None,
                 allow_held_out: bool = False, absent_fraction: float = 0.0, relation_fraction: float = 0.0,
                 mix_turn_tasks: bool = False, absent_conjunction_fraction: float = 0.0,
-                **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
+                scramble_fraction: float = 0.0, **scene_kwargs) -> tuple[PIL.Image.Image, dict]:
     """One sample: the image and its JSONL record (without the `image` path). Deterministic in `seed`.
     `caption_order`: how a grounded caption orders its objects (`gc_answer`).
 
@@ -515,7 +528,8 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
     absent object, answered "There is no purple circle." without a box; `absent_conjunction_fraction` of them about a
     colour and a shape both present on different objects, see :func:`absent_attributes`), `relation_fraction`
     (rec/res turns whose target is named by an unambiguous relation where the scene has one), `mix_turn_tasks`
-    (consecutive turns never share a task). Their draws come from a separate stream (`default_rng([seed, 3])`), so
+    (consecutive turns never share a task), `scramble_fraction` (questions with their words in a random order, see
+    :func:`scramble_words`; never a relation). Their draws come from a separate stream (`default_rng([seed, 3])`), so
     the scene, the tasks and the targets stay those of the default sample (except with `mix_turn_tasks`, which
     redraws repeated tasks); `phrasings=["template"]` alone gives the default conversations (the queries then also
     record their family).
@@ -524,7 +538,8 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
     rng = np.random.default_rng([seed, 1])
     families = resolve_phrasings(phrasings, allow_held_out) if phrasings is not None else None
     for name, value in (("absent_fraction", absent_fraction), ("relation_fraction", relation_fraction),
-                        ("absent_conjunction_fraction", absent_conjunction_fraction)):
+                        ("absent_conjunction_fraction", absent_conjunction_fraction),
+                        ("scramble_fraction", scramble_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
     if absent_conjunction_fraction > 0 and not absent_fraction > 0:
@@ -532,6 +547,7 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
                          f"`absent_fraction` > 0, got {absent_fraction!r}")
     extended = families is not None or absent_fraction > 0 or relation_fraction > 0
     prng = np.random.default_rng([seed, 3])  # the opt-in draws only
+    scramble_rng = np.random.default_rng([seed, 4])  # word orders: a stream of their own, the others stay as they were
     weights = np.array([(task_weights or {}).get(t, 1.0) for t in tasks], dtype=np.float64)
     weights = weights / weights.sum()
     n_turns = int(rng.integers(min_turns, max_turns + 1))
@@ -606,6 +622,9 @@ def make_sample(seed: int, tasks: tuple[str, ...] = TASKS, min_turns: int = 1, m
             question = GC_TEMPLATES[index] if not extended else family_question(family, "gc", prng, index=index)
             answer = gc_answer(objects, ref, rng, caption_order)
             queries.append({"task": task, "object": None, **({"phrasing": family} if extended else {})})
+        if scramble_fraction > 0 and scramble_rng.random() < scramble_fraction and "relation" not in queries[-1]:
+            question = scramble_words(question, scramble_rng)
+            queries[-1]["scrambled"] = True
         if turn == 0:
             question = "<image> " + question
         messages.append({"role": "user", "content": question})
@@ -822,6 +841,9 @@ def main(argv=None):
     parser.add_argument("--relation-fraction", type=float, default=0.0,
                         help="fraction of rec/res turns that name their target by an unambiguous relation where the "
                              "scene has one ('the left one of the two red shapes')")
+    parser.add_argument("--scramble-fraction", type=float, default=0.0,
+                        help="that fraction of the questions (relations excepted) has its words in a random order "
+                             "(word-order noise; default 0)")
     parser.add_argument("--mix-turn-tasks", action="store_true",
                         help="with --max-turns > 1: consecutive turns of a conversation never share a task")
     args = parser.parse_args(argv)
@@ -830,7 +852,7 @@ def main(argv=None):
             resolve_phrasings(args.phrasings, args.allow_held_out)
         except ValueError as error:
             parser.error(f"--phrasings: {error}")
-    for name in ("absent_fraction", "relation_fraction", "absent_conjunction_fraction"):
+    for name in ("absent_fraction", "relation_fraction", "absent_conjunction_fraction", "scramble_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.absent_conjunction_fraction and not args.absent_fraction:
@@ -876,6 +898,8 @@ def variation_kwargs(args) -> dict:
         out["relation_fraction"] = args.relation_fraction
     if args.mix_turn_tasks:
         out["mix_turn_tasks"] = True
+    if args.scramble_fraction:
+        out["scramble_fraction"] = args.scramble_fraction
     return out
 
 
