@@ -12,8 +12,8 @@ variants measured in the same run:
   included), as `lm_loss` did before it kept only the positions that have a target;
 * `length-grouped`: the step with both options on the same samples, batched by length (`length_grouped_order`, as
   `data.length_grouping_window` reads them) instead of in file order;
-* `two layers`: the step with both options of the same model with a language model of two layers instead of three
-  (the attention terms in its last layer), on the same batches;
+* `three layers`: the step with both options of the same model with a language model of three layers instead of
+  the recipe's two (the attention terms in its last layer), on the same batches;
 * `plain LLaMA`: a `LlamaForCausalLM` of the same text config trained on the same token ids and labels (no image,
   no box heads, no attention terms), the floor of what a step of this size costs.
 
@@ -63,18 +63,19 @@ def main():
         # the scenes and wordings of `examples/train_shapes.sh`'s training section
         synthetic.main([os.path.join(tmp, "data"), "--num", str(num), "--single-object-fraction", "0.2",
                         "--caption-order", "name", "--min-turns", "1", "--max-turns", "2", "--mix-turn-tasks",
-                        "--phrasings", "train", "--absent-fraction", "0.3", "--relation-fraction", "0.2"])
+                        "--phrasings", "train", "--absent-fraction", "0.3", "--relation-fraction", "0.2",
+                        "--scramble-fraction", "0.2"])
         config["data"] = {"train": os.path.join(tmp, "data", "data.jsonl"), "use_masks": False,
                           "return_sam_pixel_values": False}
         config["training_args"].update(max_steps=1, output_dir=os.path.join(tmp, "out"), dataloader_num_workers=0,
                                        dataloader_persistent_workers=False, report_to="none")
         config["output_model_dir"] = None
         trainer, model, _ = run(config, root=os.path.join(ROOT, "training", "configs"))
-        shallow_config = copy.deepcopy(config)
-        shallow_config["model"]["scratch"]["text_config"]["num_hidden_layers"] = 2
-        shallow_config["attention_supervision"]["layers"] = [-1]
-        shallow_config["training_args"]["output_dir"] = os.path.join(tmp, "out-two-layers")
-        shallow_trainer, shallow, _ = run(shallow_config, root=os.path.join(ROOT, "training", "configs"))
+        deeper_config = copy.deepcopy(config)
+        deeper_config["model"]["scratch"]["text_config"]["num_hidden_layers"] = 3
+        deeper_config["attention_supervision"]["layers"] = [-1]
+        deeper_config["training_args"]["output_dir"] = os.path.join(tmp, "out-three-layers")
+        deeper_trainer, deeper, _ = run(deeper_config, root=os.path.join(ROOT, "training", "configs"))
         batches = list(trainer.get_train_dataloader())[: args.steps + 1]
         # the timed batches' samples again, in batches of like length (`data.length_grouping_window`)
         size = config["training_args"]["per_device_train_batch_size"]
@@ -83,7 +84,7 @@ def main():
         grouped = [trainer.data_collator([samples[i] for i in order[k : k + size]])
                    for k in range(0, len(order), size)]
     model.train()
-    shallow.train()
+    deeper.train()
     llama = LlamaForCausalLM(model.config.text_config).train()
     llama_optimizer = torch.optim.AdamW(llama.parameters(), lr=1e-4)
     autocast = trainer.args.bf16
@@ -91,8 +92,8 @@ def main():
     def nextchat_step(batch):
         trainer.training_step(model, batch)
 
-    def two_layer_step(batch):
-        shallow_trainer.training_step(shallow, batch)
+    def three_layer_step(batch):
+        deeper_trainer.training_step(deeper, batch)
 
     def llama_step(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -104,12 +105,12 @@ def main():
 
     shipped_lm_loss = loss_nextchat.lm_loss
     cache = VisionFeatureCache(model.model.vision_tower).attach()
-    VisionFeatureCache(shallow.model.vision_tower).attach()
+    VisionFeatureCache(deeper.model.vision_tower).attach()
     with torch.no_grad():  # every timed image computed once, as from phase 1's second epoch on
         for batch in batches + grouped:
             model.get_image_features(batch["pixel_values"])  # the layers the model asks the tower for
         for batch in batches:
-            shallow.get_image_features(batch["pixel_values"])
+            deeper.get_image_features(batch["pixel_values"])
     # name: (step, lm_loss, batches, logits_in_training, tower features cached)
     variants = {
         "both options": (nextchat_step, shipped_lm_loss, batches[1:], "targets", True),
@@ -118,7 +119,7 @@ def main():
         "neither": (nextchat_step, shipped_lm_loss, batches[1:], "all", False),
         "all positions": (nextchat_step, lm_loss_over_every_position, batches[1:], "all", False),
         "length-grouped": (nextchat_step, shipped_lm_loss, grouped, "targets", True),
-        "two layers": (two_layer_step, shipped_lm_loss, batches[1:], "targets", True),
+        "three layers": (three_layer_step, shipped_lm_loss, batches[1:], "targets", True),
         "plain LLaMA": (llama_step, shipped_lm_loss, batches[1:], "targets", False),
     }
     best = dict.fromkeys(variants, float("inf"))

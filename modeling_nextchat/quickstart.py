@@ -83,11 +83,11 @@ def main(argv=None):
     result = processor.post_process_generation(output, image_sizes=inputs["image_sizes"])[0]
 
     if shipped:
-        print("NOTE: a 2.2M-parameter model trained from scratch in about 22 minutes on CPU: it boxes and segments "
+        print("NOTE: a 2.1M-parameter model trained from scratch in about 14 minutes on CPU: it boxes and segments "
               "the object a phrase names (99 times in 100, also when the question is worded in a way it never saw), "
-              "names the object in a given box (98 in 100), finds 98 objects in 100 when it describes a scene (also "
+              "names the object in a given box (99 in 100), finds 94 objects in 100 when it describes a scene (also "
               "in words it never saw), and answers without a box about an object that is not "
-              "there (95 in 100); scores and limits in examples/tiny-nextchat-shapes/README.md.")
+              "there (97 in 100); scores and limits in examples/tiny-nextchat-shapes/README.md.")
     print(f"question: {question}")
     print(f"answer:   {result['text']}")
     for k, entity in enumerate(result["entities"]):
