@@ -41,9 +41,9 @@
 # data-parallel CPU processes (torchrun, gloo, one thread each) under bf16 autocast where the CPU has bf16
 # instructions.
 # Every stage runs for a fixed number of steps, with the learning rate decaying over those steps: on one machine a
-# run is the same run every time. The whole command took 14.6 minutes on the 2-core CPU with bf16 instructions it
-# was last measured on (817 s of training, 60 s for the two evaluations; phase 1 about twice as long without them);
-# timings in docs/experiments.md.
+# run is the same run every time. The whole command took 14.6 and 14.8 minutes in two runs on the 2-core CPU with
+# bf16 instructions it was last measured on (817-828 s of training, 58-60 s for the two evaluations; phase 1
+# about twice as long without bf16 instructions); timings in docs/experiments.md.
 # The final model is $RUNS/shapes_tiny/final; its scores on 300 unseen scenes $RUNS/shapes_tiny/final_metrics.json,
 # and on 1,000 unseen scenes with every object asked in the held-out phrasings $RUNS/shapes_tiny/robust_metrics.json.
 # The runs that chose this recipe (seeds, variants, ablations) are in docs/experiments.md.
